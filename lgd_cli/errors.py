@@ -1,0 +1,41 @@
+"""The one error family lgd raises for problems a user can fix; only cli.py catches it."""
+from __future__ import annotations
+
+
+class LgdError(Exception):
+    """A problem with the user's input, data, files or environment.
+
+    Args:
+        message: what is wrong, naming the file/record/key concerned.
+        hint: what to do about it (optional, shown on its own line).
+        exit_code: process exit status the CLI uses (1 = bad input or failed check).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(LgdError):
+    """Unknown preset or config key, wrong value type, bad option: a usage error."""
+
+    exit_code = 2
+
+
+class DataError(LgdError):
+    """A dataset file (annotations or images) that cannot be used as given."""
+
+
+class CheckpointError(LgdError):
+    """A checkpoint or weights file that is missing, truncated or not ours."""
+
+
+class NotImplementedYet(LgdError):
+    """A subcommand whose issue has not landed yet."""
+
+    exit_code = 2
