@@ -109,6 +109,8 @@ def apply() -> list[str]:
         return list(_applied)
     # detectron2 0.6 scripts a few helpers at import time; torch 2.14 warns on each.
     warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+    # detectron2 0.6 anchor generators call torch.meshgrid without indexing= (same result).
+    warnings.filterwarnings("ignore", message=r"torch.meshgrid: in an upcoming release")
     _stub_compiled_ops()
     _alias_pillow_linear()
     _alias_numpy_scalars()

@@ -96,6 +96,7 @@ def _set_num_classes(cfg: CfgNode, num_classes: int) -> None:
 def resolve_data(cfg: CfgNode) -> None:
     """Fill LGD.DATA paths, DATASETS and the class names from the data source (in place)."""
     from lgd_cli.data import datasets
+    from lgd_cli.data.validate import read_class_names
 
     data = cfg.LGD.DATA
     if data.SOURCE == "synthetic":
@@ -113,7 +114,7 @@ def resolve_data(cfg: CfgNode) -> None:
                               hint=f"missing: {', '.join('LGD.DATA.' + k for k in missing)}")
     else:
         raise ConfigError(f"LGD.DATA.SOURCE must be synthetic, coco or custom, not '{data.SOURCE}'")
-    names = datasets.read_class_names(Path(data.TRAIN_JSON))
+    names = read_class_names(Path(data.TRAIN_JSON))
     cfg.LGD.CLASS_NAMES = list(names)
     _set_num_classes(cfg, len(names))
     cfg.DATASETS.TRAIN = (TRAIN_DATASET,)

@@ -1,0 +1,124 @@
+"""Checkpoints that rebuild their run: atomic writes, the resolved config inside, safe loading.
+
+A checkpoint holds the model, both optimisers and schedulers (through the trainer's state),
+and `lgd`: {config (YAML text), preset, class_names, version}. Everything is plain Python or
+tensors, so it loads with `torch.load(weights_only=True)`: no code runs from a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from lgd_cli import __version__
+from lgd_cli.errors import CheckpointError
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it.
+
+    A crash or a full disk leaves the previous file untouched and no partial file behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def lgd_metadata(cfg) -> dict:
+    return {"config": cfg.dump(), "preset": cfg.LGD.PRESET, "class_names": list(cfg.LGD.CLASS_NAMES),
+            "version": __version__}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint file safely, turning every way it can be wrong into a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+            raise CheckpointError(f"{path} holds Python objects that could run code when loaded: refused",
+                                  hint="lgd loads only tensors and plain data (see README, Robustness)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})",
+                              hint="it may be truncated (interrupted copy or full disk)") from None
+
+
+def read_lgd_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `lgd train` (with its embedded config), or a CheckpointError."""
+    data = read_checkpoint(path)
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f"{path} is not a model checkpoint (no 'model' entry)")
+    if "lgd" not in data:
+        raise CheckpointError(f"{path} was not written by `lgd train` (no embedded config)",
+                              hint="plain detectron2/torchvision weights go in MODEL.WEIGHTS of a preset instead")
+    return data
+
+
+class LgdCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer whose files are written atomically and carry the run's config.
+
+    Args:
+        model: the (unwrapped) LGDDistiller.
+        save_dir: the run folder.
+        cfg: the frozen config, embedded in every file.
+        checkpointables: objects with state_dict/load_state_dict (the trainer).
+    """
+
+    def __init__(self, model, save_dir: str, cfg, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self._lgd = lgd_metadata(cfg)
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(), "lgd": self._lgd}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        target = Path(self.save_dir) / f"{name}.pth"
+        try:
+            atomic_write_bytes(target, lambda f: torch.save(data, f))
+        except OSError as exc:
+            raise CheckpointError(f"could not write checkpoint {target}: {exc.strerror or exc}",
+                                  hint="the previous checkpoint is intact; free disk space and --resume") from None
+        self.tag_last_checkpoint(target.name)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        # The pointer moves only once the file it names is complete.
+        atomic_write_bytes(Path(self.save_dir) / "last_checkpoint",
+                           lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_file(self, f: str):
+        if f.endswith(".pkl"):
+            return super()._load_file(f)
+        return read_checkpoint(Path(f))
+
+    def resume_path(self) -> str | None:
+        """The newest complete checkpoint to resume from, or None for a fresh start."""
+        if not self.has_checkpoint():
+            return None
+        last = self.get_checkpoint_file()
+        candidates = [last] + sorted((p for p in self.get_all_checkpoint_files() if p != last),
+                                     key=os.path.getmtime, reverse=True)
+        for candidate in candidates:
+            try:
+                read_checkpoint(Path(candidate))
+                return candidate
+            except CheckpointError as exc:
+                self.logger.warning(f"skipping unreadable checkpoint: {exc.message}")
+        raise CheckpointError(f"no readable checkpoint in {self.save_dir} to resume from",
+                              hint="start afresh with --force")

@@ -1,0 +1,133 @@
+"""COCO evaluation of a model or a checkpoint (pycocotools through detectron2's COCOEvaluator)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+from lgd_cli.compat import detectron2 as _compat
+
+_compat.apply()
+
+import torch  # noqa: E402
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
+
+from lgd_cli.config.build import VAL_DATASET, config_from_checkpoint_yaml  # noqa: E402
+from lgd_cli.console import console, metrics_table, table, training_progress  # noqa: E402
+from lgd_cli.data.datasets import register_coco_json  # noqa: E402
+from lgd_cli.engine.checkpoint import atomic_write_bytes, read_lgd_checkpoint  # noqa: E402
+from lgd_cli.errors import DataError  # noqa: E402
+
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class _ProgressLoader:
+    """Wraps a test loader so inference_on_dataset drives a rich progress bar."""
+
+    def __init__(self, loader, description: str):
+        self.loader, self.description = loader, description
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        with training_progress() as progress:
+            task = progress.add_task(self.description, total=len(self.loader), losses="")
+            for batch in self.loader:
+                yield batch
+                progress.advance(task)
+
+
+def _test_mapper(cfg, teacher: bool) -> DatasetMapper:
+    if not teacher:
+        return DatasetMapper(cfg, is_train=False)
+    # The teacher reads the ground truth, so the test-time mapper must keep the annotations
+    # (detectron2's drops them when is_train=False); no random augmentation.
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+    return DatasetMapper(is_train=True, augmentations=[resize], image_format=cfg.INPUT.FORMAT,
+                         use_instance_mask=cfg.MODEL.MASK_ON, instance_mask_format=cfg.INPUT.MASK_FORMAT)
+
+
+def evaluate_model(cfg, model, output_dir: Path, *, teacher: bool = False, dataset: str = VAL_DATASET) -> dict:
+    """COCO metrics of `model` on a registered dataset.
+
+    Args:
+        model: an LGDDistiller; `teacher=True` evaluates its teacher (an upper bound).
+
+    Returns:
+        {"bbox": {"AP": ..., "AP50": ..., "AP-<class>": ...}} (+ "segm" with masks).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    loader = build_detection_test_loader(cfg, dataset, mapper=_test_mapper(cfg, teacher))
+    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    evaluator = COCOEvaluator(dataset, tasks=tasks, distributed=True, output_dir=str(output_dir), use_fast_impl=False)
+    was_training, model.evaluate_teacher = model.training, teacher
+    try:
+        # pycocotools prints its own summary; lgd renders a table instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = inference_on_dataset(model, _ProgressLoader(loader, "eval teacher" if teacher else "eval"), evaluator)
+    finally:
+        model.evaluate_teacher = False
+        model.train(was_training)
+    return copy.deepcopy(dict(results))
+
+
+def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data: tuple[Path, Path] | None = None,
+                        eval_teacher: bool = False, output: Path | None = None, device: str | None = None) -> dict:
+    """Rebuild the model from a checkpoint's embedded config and evaluate it.
+
+    Returns:
+        {"checkpoint", "preset", "dataset", "student": metrics, ["teacher": metrics]}; also
+        written to <output>/metrics.json beside COCO-format predictions.
+    """
+    from lgd_cli.engine.train import build_lgd_model, register_datasets
+
+    checkpoint = Path(checkpoint)
+    state = read_lgd_checkpoint(checkpoint)
+    cfg = config_from_checkpoint_yaml(state["lgd"]["config"], overrides, device=device)
+    dataset = VAL_DATASET
+    if data is not None:
+        dataset = "lgd_eval_custom"
+        names = register_coco_json(dataset, Path(data[0]), Path(data[1]), bad_boxes=cfg.LGD.DATA.BAD_BOXES)
+        if list(names) != list(cfg.LGD.CLASS_NAMES):
+            raise DataError(f"{data[0]} has classes {names}, but {checkpoint} was trained on {list(cfg.LGD.CLASS_NAMES)}",
+                            hint="evaluate on data with the same categories, in the same order")
+    else:
+        register_datasets(cfg, splits=("val",))
+    model = build_lgd_model(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    if eval_teacher and model.teacher is None:
+        raise DataError(f"{checkpoint} was trained without LGD (--no-lgd): there is no teacher to evaluate")
+    output = Path(output) if output is not None else checkpoint.parent / "eval"
+    results = {"checkpoint": str(checkpoint), "preset": cfg.LGD.PRESET,
+               "dataset": MetadataCatalog.get(dataset).json_file}
+    with torch.no_grad():
+        results["student"] = evaluate_model(cfg, model, output, dataset=dataset)
+        if eval_teacher:
+            results["teacher"] = evaluate_model(cfg, model, output / "teacher", teacher=True, dataset=dataset)
+    atomic_write_bytes(output / "metrics.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+    results["metrics_file"] = str(output / "metrics.json")
+    return results
+
+
+def render(results: dict) -> None:
+    """Print the AP tables of `evaluate_checkpoint`'s result."""
+    for who in ("student", "teacher"):
+        if who not in results:
+            continue
+        for task, metrics in results[who].items():
+            title = f"{who} {task} AP on {Path(results['dataset']).name}"
+            if who == "teacher":
+                title += " (teacher reads the ground truth: an upper bound, not a deployable model)"
+            console.print(metrics_table(title, {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}))
+            per_class = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
+            if per_class:
+                console.print(table(f"{who} {task} AP per category", ["category", "AP"], per_class))
+    console.print(f"metrics written to {results['metrics_file']}")

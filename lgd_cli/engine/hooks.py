@@ -1,0 +1,95 @@
+"""Training hooks: LR schedules and LGD windows, rich progress, checkpoint bookkeeping."""
+from __future__ import annotations
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from lgd_cli.console import training_progress
+
+
+def distillation_active(iteration: int, pre: int, post: int, max_iter: int) -> bool:
+    """The reference's rule: distillation is off while iter < PRE or iter > MAX_ITER - POST."""
+    return not (iteration < pre or iteration > max_iter - post)
+
+
+class LgdScheduleHook(HookBase):
+    """Everything that depends on the iteration: both LR schedules and the two LGD windows.
+
+    One hook for both schedulers (detectron2's LRScheduler hook keys its saved state by class
+    name, so two instances would overwrite each other in a checkpoint).
+
+    Args:
+        model: the unwrapped LGDDistiller (its `distill_active` flag is set before each step).
+        schedulers: {"student": ..., "teacher": ...}.
+        pre_nondistill, post_nondistill, freeze_iters: the window lengths in iterations.
+    """
+
+    def __init__(self, model, schedulers: dict, pre_nondistill: int, post_nondistill: int, freeze_iters: int):
+        self.model = model
+        self.schedulers = schedulers
+        self.pre, self.post, self.freeze_iters = pre_nondistill, post_nondistill, freeze_iters
+
+    def before_step(self):
+        it = self.trainer.iter
+        self.model.distill_active = distillation_active(it, self.pre, self.post, self.trainer.max_iter)
+        self.trainer.freeze_backbone = it < self.freeze_iters
+
+    def after_step(self):
+        storage = self.trainer.storage
+        for name, scheduler in self.schedulers.items():
+            storage.put_scalar(f"lr_{name}", scheduler.optimizer.param_groups[0]["lr"], smoothing_hint=False)
+            scheduler.step()
+        storage.put_scalar("distill_active", float(self.model.distill_active), smoothing_hint=False)
+
+    def state_dict(self):
+        return {name: s.state_dict() for name, s in self.schedulers.items()}
+
+    def load_state_dict(self, state_dict):
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state_dict[name])
+
+
+class CheckpointTracker(HookBase):
+    """Remembers the newest complete checkpoint, so error messages can name it."""
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+
+    def after_step(self):
+        if self.checkpointer.has_checkpoint():
+            self.trainer.last_checkpoint = self.checkpointer.get_checkpoint_file()
+
+
+class RichProgressHook(HookBase):
+    """A rich progress bar: iteration, elapsed, ETA, total loss and the main terms (main process only)."""
+
+    TERMS = ("loss_cls", "loss_box_reg", "loss_distill")
+
+    def __init__(self, period: int = 5):
+        self.period = period
+        self.progress = None
+
+    def before_train(self):
+        if not comm.is_main_process():
+            return
+        self.progress = training_progress()
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.trainer.max_iter,
+                                           completed=self.trainer.start_iter, losses="")
+
+    def after_step(self):
+        if self.progress is None:
+            return
+        it = self.trainer.iter + 1
+        if it % self.period and it != self.trainer.max_iter:
+            return
+        latest = self.trainer.storage.latest_with_smoothing_hint(20)
+        parts = [f"loss {latest['total_loss'][0]:.3f}"] if "total_loss" in latest else []
+        parts += [f"{k.replace('loss_', '')} {latest[k][0]:.3f}" for k in self.TERMS if k in latest]
+        if "loss_cls.tea" in latest:
+            parts.append(f"cls.tea {latest['loss_cls.tea'][0]:.3f}")
+        self.progress.update(self.task, completed=it, losses="  ".join(parts))
+
+    def after_train(self):
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,123 @@
+"""LGDDistiller: a registered detectron2 meta-architecture wrapping a detectron2 student (LGD-METHOD.md §1, §6).
+
+Training returns student losses + teacher losses (`.tea`) + `loss_distill`. Inference runs the
+student alone, so exported models and their cost are those of the plain detector.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lgd_cli.compat import detectron2 as _compat
+
+_compat.apply()
+
+from detectron2.config import configurable  # noqa: E402
+from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
+
+from lgd_cli.modeling.lgd import DistillationLoss, pack_objects  # noqa: E402
+from lgd_cli.modeling.lgd.teacher import ImplicitTeacher  # noqa: E402
+from lgd_cli.modeling.students.dense import DenseStudent, DenseTargets  # noqa: E402
+
+
+@META_ARCH_REGISTRY.register()
+class LGDDistiller(nn.Module):
+    """Student detector + implicit teacher + distillation adapter.
+
+    Args:
+        student: a detectron2 dense detector (RetinaNet, FCOS), trained as usual.
+        teacher: the implicit teacher, or None for the plain baseline (`--no-lgd`).
+        distill_loss: adapter + instance-norm MSE, or None for the baseline.
+        add_context_box: pack one whole-image context slot per image for the teacher.
+
+    Attributes set by the training hooks (plain Python state, identical on every process):
+        distill_active: student features receive the distillation gradient.
+        evaluate_teacher: in eval mode, detect from the teacher maps (needs ground truth).
+    """
+
+    @configurable
+    def __init__(self, *, student: nn.Module, teacher: ImplicitTeacher | None = None,
+                 distill_loss: DistillationLoss | None = None, add_context_box: bool = True):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.distill_loss = distill_loss
+        self.add_context_box = add_context_box
+        self.seams = DenseStudent(student)
+        self.distill_active = True
+        self.evaluate_teacher = False
+
+    @classmethod
+    def from_config(cls, cfg):
+        student = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+        d = cfg.MODEL.DISTILLATOR
+        if not d.ENABLED:
+            return {"student": student}
+        channels = cfg.MODEL.FPN.OUT_CHANNELS
+        teacher = ImplicitTeacher(
+            num_classes=len(cfg.LGD.CLASS_NAMES) or student.num_classes,
+            channels=channels,
+            add_context_box=d.TEACHER.ADD_CONTEXT_BOX,
+            detach_appearance=d.TEACHER.DETACH_APPEARANCE_EMBED,
+            interact_pattern=d.TEACHER.INTERACT_PATTERN,
+            num_heads=d.TEACHER.NR_TRANSFORMER_HEADS,
+            category_format=d.LABEL_ENCODER.CATEGORY_FORMAT,
+            use_mask_crops=d.LABEL_ENCODER.LOAD_LABELMAP,
+        )
+        return {
+            "student": student,
+            "teacher": teacher.to(student.device),
+            "distill_loss": DistillationLoss(channels, loss_weight=d.LAMBDA).to(student.device),
+            "add_context_box": d.TEACHER.ADD_CONTEXT_BOX,
+        }
+
+    @property
+    def device(self):
+        return self.student.device
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """What the student optimiser trains: the detector and the distillation adapter."""
+        params = list(self.student.parameters())
+        return params + (list(self.distill_loss.parameters()) if self.distill_loss is not None else [])
+
+    def teacher_parameters(self) -> list[nn.Parameter]:
+        return list(self.teacher.parameters()) if self.teacher is not None else []
+
+    def frozen_backbone_parameters(self) -> list[nn.Parameter]:
+        return self.seams.bottom_up_parameters()
+
+    def _teacher_maps(self, images, features, gt_instances) -> tuple[list[Tensor], Tensor]:
+        padded = tuple(images.tensor.shape[-2:])
+        objects = pack_objects(
+            [x.gt_boxes.tensor for x in gt_instances], [x.gt_classes for x in gt_instances],
+            list(images.image_sizes), padded, self.add_context_box)
+        maps = self.teacher(features, objects, padded, self.seams.strides())
+        return maps, objects.valid.any()
+
+    def forward(self, batched_inputs: list[dict]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        if self.teacher is None:
+            return self.student(batched_inputs)
+        images, features = self.seams.extract(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        targets = DenseTargets()
+        losses = self.seams.losses(images, features, gt_instances, targets)
+        teacher_maps, has_objects = self._teacher_maps(images, features, gt_instances)
+        # A batch without a single box has nothing to teach: keep the graph (every
+        # parameter still gets a gradient, as DDP requires) but let it contribute zero.
+        weight = has_objects.to(features[0].dtype)
+        teacher_losses = self.seams.losses(images, teacher_maps, gt_instances, targets)
+        losses.update({f"{k}.tea": v * weight for k, v in teacher_losses.items()})
+        losses["loss_distill"] = weight * self.distill_loss(
+            features, teacher_maps, detach_student=not self.distill_active)
+        return losses
+
+    def inference(self, batched_inputs: list[dict]):
+        if not self.evaluate_teacher:
+            return self.student(batched_inputs)
+        if self.teacher is None:
+            raise RuntimeError("this model was trained without LGD: it has no teacher to evaluate")
+        images, features = self.seams.extract(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        teacher_maps, _ = self._teacher_maps(images, features, gt_instances)
+        return self.seams.inference(images, teacher_maps, batched_inputs)

@@ -1,0 +1,60 @@
+"""The implicit teacher: ground-truth labels + student features -> FPN-shaped maps (LGD-METHOD.md §2-5)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .appearance_embedding import AppearanceEmbedding
+from .box_masks import box_cell_masks
+from .knowledge_mapper import KnowledgeMapper
+from .label_encoder import LabelEncoder
+from .object_batch import ObjectBatch
+from .relation_adapter import RelationAdapter
+
+
+class ImplicitTeacher(nn.Module):
+    """Label encoder -> relation adapter (with appearance embeddings) -> knowledge mapper.
+
+    Everything here is dropped after training; it is what the teacher optimiser trains.
+
+    Args:
+        num_classes: K, classes of the one-hot descriptor.
+        channels: C, the student's FPN width.
+        add_context_box: the objects carry one whole-image context slot per image.
+        detach_appearance: stop teacher gradients from reaching the student features.
+        interact_pattern: stuGuided | labelGuided | student_fill | teacher_fill.
+        num_heads: attention heads of the relation adapter (C must divide by it).
+        category_format: one_hot | norm_classes.
+        use_mask_crops: append the 7x7 instance-mask crop to each descriptor.
+    """
+
+    def __init__(self, *, num_classes: int, channels: int, add_context_box: bool, detach_appearance: bool,
+                 interact_pattern: str = "stuGuided", num_heads: int = 8, category_format: str = "one_hot",
+                 use_mask_crops: bool = False):
+        super().__init__()
+        self.add_context_box = add_context_box
+        self.label_encoder = LabelEncoder(num_classes, channels, category_format, use_mask_crops=use_mask_crops)
+        self.appearance = AppearanceEmbedding(channels, detach_features=detach_appearance)
+        self.relation = RelationAdapter(channels, num_heads=num_heads, pattern=interact_pattern)
+        self.mapper = KnowledgeMapper(channels, add_context_box=add_context_box)
+
+    def forward(self, features: list[Tensor], objects: ObjectBatch, padded_size: tuple[int, int],
+                strides: list[int]) -> list[Tensor]:
+        """
+        Args:
+            features: L student FPN maps (B, C, H_l, W_l).
+            objects: the batch's ground truth as padded slots (B, N).
+            padded_size: (H, W) of the padded image batch.
+            strides: L level strides in pixels.
+
+        Returns:
+            L teacher maps, each the shape of the matching student map.
+        """
+        shapes = [tuple(f.shape[-2:]) for f in features]
+        # 1. Which cells each object covers, per level: shared by pooling and rendering.
+        masks = box_cell_masks(objects.boxes, objects.include, objects.is_context, shapes, strides)
+        # 2. One label embedding per object, one appearance embedding per object and level.
+        labels = self.label_encoder(objects, padded_size)
+        appearance = self.appearance(features, masks)
+        # 3. Objects of the same image attend to each other, then are painted back per level.
+        vectors = self.relation(labels, appearance, objects.include)
+        return self.mapper(vectors, masks, objects)

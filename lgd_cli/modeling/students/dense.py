@@ -1,0 +1,89 @@
+"""Seams into detectron2's one-stage detectors (RetinaNet; FCOS uses the generic path).
+
+The distiller needs what DenseDetector.forward computes in one go, split apart: the
+preprocessed images, the FPN features, the targets, and "head + loss on these features"
+callable twice (student maps, then teacher maps) with the same targets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.structures import ImageList, Instances
+
+
+@dataclass
+class DenseTargets:
+    """Anchor matching of one batch, computed once and shared by the student and teacher passes."""
+
+    anchors: Any = None
+    gt_labels: Any = None
+    gt_boxes: Any = None
+    normalizer: float | None = None  # RetinaNet's loss-normaliser EMA before this batch
+
+
+class DenseStudent:
+    """Stateless view over a detectron2 DenseDetector (no parameters of its own).
+
+    Args:
+        detector: a detectron2 RetinaNet (targets shared between passes) or another
+            DenseDetector such as FCOS (head + its own forward_training per pass).
+    """
+
+    def __init__(self, detector: DenseDetector):
+        self.detector = detector
+
+    @property
+    def in_features(self) -> list[str]:
+        return list(self.detector.head_in_features)
+
+    def strides(self) -> list[int]:
+        shapes = self.detector.backbone.output_shape()
+        return [shapes[f].stride for f in self.in_features]
+
+    def bottom_up_parameters(self):
+        """Parameters of the bottom-up backbone (ResNet/Swin), excluding the FPN."""
+        backbone = self.detector.backbone
+        return list(getattr(backbone, "bottom_up", backbone).parameters())
+
+    def extract(self, batched_inputs: list[dict]) -> tuple[ImageList, list[Tensor]]:
+        """Images (padded batch) and FPN maps [(B, C, H_l, W_l)] in head order."""
+        images = self.detector.preprocess_image(batched_inputs)
+        features = self.detector.backbone(images.tensor)
+        return images, [features[f] for f in self.in_features]
+
+    def losses(self, images: ImageList, features: list[Tensor], gt_instances: list[Instances],
+               targets: DenseTargets) -> dict[str, Tensor]:
+        """Head + loss on `features`. The first call fills `targets`; later calls reuse them."""
+        det = self.detector
+        predictions = det.head(features)
+        if not isinstance(det, RetinaNet):
+            return det.forward_training(images, features, predictions, gt_instances)
+        pred_logits, pred_deltas = det._transpose_dense_predictions(predictions, [det.num_classes, 4])
+        if targets.anchors is None:
+            targets.anchors = det.anchor_generator(features)
+            targets.gt_labels, targets.gt_boxes = det.label_anchors(targets.anchors, gt_instances)
+            targets.normalizer = getattr(det, "loss_normalizer", None)
+        elif targets.normalizer is not None:
+            # Same batch, same positives: rewind the EMA so the second pass normalises exactly
+            # like the first and leaves the same state behind.
+            det.loss_normalizer = targets.normalizer
+        else:
+            del det.loss_normalizer
+        return det.losses(targets.anchors, pred_logits, targets.gt_labels, pred_deltas, targets.gt_boxes)
+
+    def inference(self, images: ImageList, features: list[Tensor], batched_inputs: list[dict]) -> list[dict]:
+        """Detections from given maps, post-processed to each input's requested size."""
+        from detectron2.modeling.postprocessing import detector_postprocess
+
+        det = self.detector
+        results = det.forward_inference(images, features, det.head(features))
+        out = []
+        for result, inputs, size in zip(results, batched_inputs, images.image_sizes):
+            out.append({"instances": detector_postprocess(
+                result, inputs.get("height", size[0]), inputs.get("width", size[1]))})
+        return out
