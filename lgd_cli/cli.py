@@ -191,7 +191,9 @@ def main() -> None:
     """Console entry point: run the app, turn LgdError and Ctrl-C into messages and exit codes."""
     debug = os.environ.get("LGD_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except LgdError as exc:
         if debug:
             raise

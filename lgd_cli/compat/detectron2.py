@@ -103,6 +103,38 @@ def _fix_head_norm_probe() -> None:
     _applied.append("RetinaNetHead GN probe")
 
 
+def _clip_only_parameters_with_gradients() -> None:
+    # detectron2's gradient clipper calls clip_grad_value_/clip_grad_norm_ on every parameter;
+    # torch >= 2.x raises on a parameter whose .grad is None (older torch skipped it), which
+    # happens for frozen or unused parameters. Skip those, as the old behaviour did.
+    import torch
+
+    from detectron2.solver import build
+
+    original = build._create_gradient_clipper
+    if getattr(original, "_lgd_patched", False):
+        return
+    try:
+        original(build.CfgNode({"CLIP_TYPE": "value", "CLIP_VALUE": 1.0, "NORM_TYPE": 2.0}))(
+            torch.nn.Parameter(torch.zeros(1)))
+        return
+    except RuntimeError:
+        pass
+
+    def create(cfg):
+        clip = original(cfg)
+
+        def clip_if_gradient(p):
+            if p.grad is not None:
+                clip(p)
+
+        return clip_if_gradient
+
+    create._lgd_patched = True
+    build._create_gradient_clipper = create
+    _applied.append("gradient clipping skips parameters without gradients")
+
+
 def apply() -> list[str]:
     """Apply every needed shim once; return the descriptions of those applied (for `lgd doctor`)."""
     if _applied or getattr(apply, "_done", False):
@@ -116,6 +148,7 @@ def apply() -> list[str]:
     _alias_numpy_scalars()
     _lightweight_export_package()
     _fix_head_norm_probe()
+    _clip_only_parameters_with_gradients()
     from lgd_cli.compat import deform_conv
 
     if deform_conv.install():

@@ -80,7 +80,8 @@ def _apply_relative_schedule(cfg: CfgNode) -> None:
     d.POST_NONDISTILL_ITERS = int(round(rel.POST_NONDISTILL * total))
     d.PRE_FREEZE_STUDENT_BACKBONE_ITERS = int(round(rel.PRE_FREEZE_BACKBONE * total))
     for block in (d.STUDENT.SOLVER, d.TEACHER.SOLVER):
-        block.STEPS = tuple(int(round(f * total)) for f in rel.STEPS)
+        # fvcore's schedule refuses a milestone at MAX_ITER itself (tiny --iters round up to it).
+        block.STEPS = tuple(s for s in (int(round(f * total)) for f in rel.STEPS) if s < total)
         block.WARMUP_ITERS = max(1, int(round(rel.WARMUP * total)))
     if cfg.SOLVER.CHECKPOINT_PERIOD > total:
         cfg.SOLVER.CHECKPOINT_PERIOD = total

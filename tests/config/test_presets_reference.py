@@ -1,0 +1,98 @@
+"""Every paper-row preset resolves to the official config, key by key (tests/fixtures/reference-recipes.json,
+a copy of ../shared/reference-recipes.json: the megvii-research/LGD configs as detectron2 resolves them)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lgd_cli.config.build import build_config
+from lgd_cli.config.presets import list_presets
+
+RECIPES = json.loads((Path(__file__).parents[1] / "fixtures" / "reference-recipes.json").read_text())
+PRESET_OF_ROW = {
+    "RetinaNet-R-50": "retinanet-r50-2x",
+    "RetinaNet-R-101": "retinanet-r101-2x",
+}
+# Reference keys lgd does not carry, each with the reason.
+NOT_CARRIED = {
+    "OUTPUT_DIR": "the run folder is `lgd train --output`",
+    "NUM_CLASSES": "lgd derives the class count from the data into MODEL.*.NUM_CLASSES",
+    "MODEL.FPN.TOP_LEVELS": "read only by the reference's Swin RetinaNet builder (P6/P7 come from the backbone name)",
+    "MODEL.RECIPROCAL_FPN_STRIDES": "lgd reads the strides from the backbone's output shapes",
+    "MODEL.DISTILLATOR.ADAIN_BEFORE_DISTILL": "never read by the reference",
+    "MODEL.DISTILLATOR.DETACH_TEA_WHEN_DISTILL": "never read by the reference; the teacher is always detached",
+    "MODEL.DISTILLATOR.HIDDEN_DIM": "never read by the reference",
+    "MODEL.DISTILLATOR.SMOOTH": "never read by the reference",
+    "MODEL.DISTILLATOR.USE_MTH_HEAD": "never read by the reference",
+    "MODEL.DISTILLATOR.TOWER_DISTILL_COEF": "never read by the reference",
+    "MODEL.DISTILLATOR.DISTILL_ON": "internal flag values of the reference's train.py",
+    "MODEL.DISTILLATOR.DISTILL_OFF": "internal flag values of the reference's train.py",
+    "MODEL.DISTILLATOR.STUDENT.META_ARCH": "the reference's class name; lgd wraps MODEL.META_ARCHITECTURE",
+    "MODEL.DISTILLATOR.TEACHER.META_ARCH": "the reference's class name (DynamicTeacher = lgd's ImplicitTeacher)",
+    "MODEL.DISTILLATOR.ADAPTER.META_ARCH": "SequentialConvs, the only adapter, is lgd's DistillationLoss adapter",
+    "MODEL.DISTILLATOR.TEACHER.AFFINE": "False in every row: lgd's teacher norms never have affine parameters",
+}
+# Keys lgd carries with a different value on purpose.
+DIFFERENT = {
+    "DATASETS.TRAIN": "COCO is registered from LGD.DATA.ROOT under lgd's own dataset names",
+    "DATASETS.TEST": "COCO is registered from LGD.DATA.ROOT under lgd's own dataset names",
+}
+
+
+def _value(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(b, str) and isinstance(a, str):
+        return a.upper() == b.upper() if a.upper() in ("ADAMW", "SGD") else a == b
+    return a == b
+
+
+@pytest.mark.parametrize("row", sorted(PRESET_OF_ROW))
+def test_preset_matches_reference_row(row):
+    cfg = build_config(PRESET_OF_ROW[row], device="cpu", resolve_dataset=False)
+    reference = RECIPES["rows"][row]
+    mismatches = []
+    for key, expected in reference["keys"].items():
+        if key in NOT_CARRIED or key in DIFFERENT:
+            continue
+        try:
+            actual = _value(cfg, key)
+        except KeyError:
+            mismatches.append(f"{key}: missing (reference {expected!r})")
+            continue
+        if not _same(actual, expected):
+            mismatches.append(f"{key}: lgd {actual!r} != reference {expected!r}")
+    assert not mismatches, "\n".join(mismatches)
+    assert cfg.LGD.META.PAPER_AP == reference["paper_map"]
+
+
+def test_every_paper_preset_maps_to_a_row():
+    paper = {p.name for p in list_presets() if p.meta.get("PAPER_AP", -1) > 0}
+    assert paper == set(PRESET_OF_ROW.values())
+
+
+def test_exceptions_are_reference_keys():
+    # A stale exception would silently hide a real key from the comparison.
+    keys = set().union(*(set(r["keys"]) for r in RECIPES["rows"].values()))
+    assert set(NOT_CARRIED) | set(DIFFERENT) <= keys
+
+
+def test_the_two_optimisers_follow_their_blocks_not_solver():
+    cfg = build_config("retinanet-r50-2x", device="cpu", resolve_dataset=False)
+    assert cfg.MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS == 30000
+    assert cfg.MODEL.DISTILLATOR.PRE_FREEZE_STUDENT_BACKBONE_ITERS == 20000
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "value"

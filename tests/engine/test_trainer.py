@@ -1,0 +1,90 @@
+"""LGDTrainer and its hooks: backbone-freeze and distillation windows, two optimisers, saved state."""
+import itertools
+
+import pytest
+import torch
+
+from lgd_cli.config.build import build_config
+from lgd_cli.engine.hooks import LgdScheduleHook, distillation_active
+from lgd_cli.engine.optimizers import build_optimizers
+from lgd_cli.engine.train import build_lgd_model
+from lgd_cli.engine.trainer import LGDTrainer, NonFiniteLossError
+from tests.modeling.test_distiller import make_batch
+
+
+@pytest.mark.parametrize("iteration, expected", [(0, False), (29999, False), (30000, True), (130000, True),
+                                                 (130001, False), (179999, False)])
+def test_distillation_window_is_the_references_rule(iteration, expected):
+    assert distillation_active(iteration, pre=30000, post=50000, max_iter=180000) is expected
+
+
+def make_trainer(tiny_overrides, *extra):
+    cfg = build_config("demo", tiny_overrides + list(extra), device="cpu")
+    torch.manual_seed(0)
+    model = build_lgd_model(cfg)
+    optimizers, schedulers = build_optimizers(cfg, model)
+    loader = itertools.cycle([make_batch(seed=i) for i in range(3)])
+    trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters())
+    d = cfg.MODEL.DISTILLATOR
+    trainer.register_hooks([LgdScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
+                                            d.PRE_FREEZE_STUDENT_BACKBONE_ITERS)])
+    return cfg, model, trainer
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def test_bottom_up_backbone_frozen_during_the_window_then_trains(tiny_overrides):
+    cfg, model, trainer = make_trainer(tiny_overrides, "LGD.RELATIVE_SCHEDULE.ENABLED=False",
+                                       "MODEL.DISTILLATOR.PRE_FREEZE_STUDENT_BACKBONE_ITERS=2",
+                                       "MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS=0", "SOLVER.MAX_ITER=3")
+    bottom_up = model.frozen_backbone_parameters()
+    fpn = [p for n, p in model.student.backbone.named_parameters() if not n.startswith("bottom_up.")]
+    before_bu, before_fpn = snapshot(bottom_up), snapshot(fpn)
+    trainer.train(0, 2)  # iterations 0 and 1: inside the window
+    assert all(torch.equal(a, b) for a, b in zip(before_bu, bottom_up))
+    assert not all(torch.equal(a, b) for a, b in zip(before_fpn, fpn))
+    # No momentum buffer was created for frozen parameters (no gradient at all, not zero).
+    state = trainer.optimizers["student"].state
+    assert all("momentum_buffer" not in state.get(p, {}) for p in bottom_up)
+    trainer.train(2, 3)  # iteration 2: after the window
+    assert not all(torch.equal(a, b) for a, b in zip(before_bu, bottom_up))
+
+
+def test_two_optimisers_own_disjoint_parameters_and_schedules(tiny_overrides):
+    cfg, model, trainer = make_trainer(tiny_overrides, "MODEL.DISTILLATOR.TEACHER.SOLVER.BASE_LR=0.002")
+    student = {id(p) for g in trainer.optimizers["student"].param_groups for p in g["params"]}
+    teacher = {id(p) for g in trainer.optimizers["teacher"].param_groups for p in g["params"]}
+    assert not student & teacher
+    assert student | teacher == {id(p) for p in model.parameters()}
+    assert all(g["weight_decay"] == 1e-4 for g in trainer.optimizers["student"].param_groups)
+    trainer.train(0, 2)
+    lr = {k: o.param_groups[0]["lr"] for k, o in trainer.optimizers.items()}
+    assert lr["teacher"] == pytest.approx(lr["student"] * 0.2)
+
+
+def test_trainer_state_round_trips_iteration_optimisers_and_schedules(tiny_overrides):
+    _, _, trainer = make_trainer(tiny_overrides)
+    trainer.train(0, 3)
+    state = trainer.state_dict()
+    _, _, fresh = make_trainer(tiny_overrides)
+    fresh.load_state_dict(state)
+    assert fresh.iter == trainer.iter
+    hook = fresh._hooks[0]
+    assert hook.schedulers["student"].last_epoch == trainer._hooks[0].schedulers["student"].last_epoch
+    assert fresh.optimizers["teacher"].state_dict()["state"].keys() == trainer.optimizers["teacher"].state_dict()["state"].keys()
+
+
+def test_non_finite_loss_names_iteration_and_terms(tiny_overrides):
+    _, model, trainer = make_trainer(tiny_overrides)
+    forward = model.forward
+
+    def poisoned(batch):
+        losses = forward(batch)
+        losses["loss_distill"] = losses["loss_distill"] * float("nan")
+        return losses
+
+    model.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"iteration 0: loss_distill \(distillation\) = nan"):
+        trainer.train(0, 2)

@@ -1,0 +1,114 @@
+"""LGDDistiller on detectron2's RetinaNet: loss terms, empty batches, detaching, student-only inference."""
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from lgd_cli.config.build import build_config
+from lgd_cli.engine.train import build_lgd_model
+
+
+def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        inst = Instances((size, size))
+        xy = torch.rand(boxes_per_image, 2, generator=g) * size / 2
+        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + 6
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, 3, (boxes_per_image,), generator=g)
+        batch.append({"image": torch.randint(0, 255, (3, size, size), generator=g).float(), "instances": inst})
+    return batch
+
+
+@pytest.fixture
+def model_factory(tiny_overrides):
+    def build(*extra):
+        # K = 3 classes (not 80) and C = 32 channels (not 256).
+        cfg = build_config("demo", tiny_overrides + ["LGD.DATA.SOURCE=synthetic", *extra], device="cpu",
+                           resolve_dataset=False)
+        cfg.defrost()
+        cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
+        cfg.MODEL.RETINANET.NUM_CLASSES = 3
+        torch.manual_seed(0)
+        return build_lgd_model(cfg).train()
+    return build
+
+
+def losses_of(model, batch):
+    with EventStorage(0):
+        return model(batch)
+
+
+def test_training_returns_student_teacher_and_distillation_terms(model_factory):
+    losses = losses_of(model_factory(), make_batch())
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_cls.tea", "loss_box_reg.tea", "loss_distill"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    assert losses["loss_distill"] > 0
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_all_empty_batch_trains_with_zero_teacher_and_distillation(model_factory, context):
+    model = model_factory(f"MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX={context}")
+    losses = losses_of(model, make_batch(boxes_per_image=0))
+    assert losses["loss_distill"] == 0 and losses["loss_cls.tea"] == 0 and losses["loss_box_reg.tea"] == 0
+    sum(losses.values()).backward()
+    # Every parameter is still in the graph (DDP needs it), with finite gradients.
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_teacher_parameters_learn_from_teacher_losses_only_not_distillation(model_factory):
+    model = model_factory()
+    losses = losses_of(model, make_batch())
+    losses["loss_distill"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.distill_loss.parameters())
+
+
+@pytest.mark.parametrize("active", [False, True])
+def test_student_features_detached_in_distillation_while_inactive(model_factory, active):
+    model = model_factory()
+    model.distill_active = active
+    losses = losses_of(model, make_batch())
+    losses["loss_distill"].backward()
+    fpn_grad = sum(p.grad.abs().sum() for p in model.student.backbone.parameters() if p.grad is not None)
+    assert bool(fpn_grad > 0) is active
+
+
+def test_detach_appearance_embed_keeps_teacher_losses_out_of_the_student(model_factory):
+    model = model_factory("MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=True")
+    losses = losses_of(model, make_batch())
+    (losses["loss_cls.tea"] + losses["loss_box_reg.tea"]).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.student.backbone.parameters())
+    # ... while the student's own head is shared and does learn from them.
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.head.parameters())
+
+
+def test_teacher_pass_leaves_the_loss_normaliser_as_one_pass_would(model_factory):
+    lgd = model_factory()
+    base = model_factory("MODEL.DISTILLATOR.ENABLED=False")
+    base.load_state_dict(lgd.state_dict(), strict=False)
+    batch = make_batch()
+    a, b = losses_of(lgd, batch), losses_of(base, batch)
+    torch.testing.assert_close(a["loss_cls"], b["loss_cls"])
+    assert lgd.student.loss_normalizer == pytest.approx(base.student.loss_normalizer)
+
+
+def test_baseline_has_no_lgd_modules(model_factory):
+    model = model_factory("MODEL.DISTILLATOR.ENABLED=False")
+    assert model.teacher is None and model.distill_loss is None
+    assert set(losses_of(model, make_batch())) == {"loss_cls", "loss_box_reg"}
+
+
+def test_inference_runs_the_student_alone(model_factory):
+    model = model_factory().eval()
+    called = []
+    model.teacher.register_forward_hook(lambda *a: called.append(1))
+    with torch.no_grad():
+        out = model([{"image": torch.zeros(3, 64, 64), "height": 128, "width": 128}])
+    assert not called and out[0]["instances"].image_size == (128, 128)
+    model.evaluate_teacher = True
+    with torch.no_grad():
+        out = model(make_batch(num_images=1))
+    assert called and "instances" in out[0]
