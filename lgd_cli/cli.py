@@ -89,7 +89,10 @@ def train(
     summary = engine_train.train(
         cfg, output, resume=resume, force=force, num_processes=gpus,
         num_machines=machines, machine_rank=machine_rank, dist_url=dist_url)
-    console.print(f"[green]done[/]: {summary}")
+    from lgd_cli.console import metrics_table
+
+    console.print(metrics_table("training finished", summary))
+    console.print(f"evaluate it: lgd eval {summary['final_checkpoint']}")
 
 
 @app.command("eval")

@@ -1,0 +1,163 @@
+"""`lgd benchmark`: what LGD costs over the plain detector, measured on the same model, data and batch.
+
+Each arm (baseline, LGD) runs in its own fresh process so that its peak memory is its own
+(process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). Times are medians over the
+timed steps after warm-up; FLOPs come from torch.utils.flop_counter on one training step.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+
+from lgd_cli.compat import detectron2 as _compat
+
+_compat.apply()
+
+import torch  # noqa: E402
+from detectron2.data import build_detection_train_loader  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
+from lgd_cli.engine.train import build_lgd_model, register_datasets  # noqa: E402
+
+
+def _arm_config(cfg, lgd: bool):
+    arm = cfg.clone()
+    arm.defrost()
+    arm.MODEL.DISTILLATOR.ENABLED = lgd
+    # Measure the steady state: distillation on, backbone trained (no window skips work).
+    arm.MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS = 0
+    arm.MODEL.DISTILLATOR.PRE_FREEZE_STUDENT_BACKBONE_ITERS = 0
+    arm.freeze()
+    return arm
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool) -> dict:
+    """One arm in the current process: step times, peak memory, parameters, FLOPs, (profile)."""
+    cfg = _arm_config(cfg, lgd)
+    seed_all_rng(0)
+    register_datasets(cfg, splits=("train",))
+    device = torch.device(cfg.MODEL.DEVICE)
+    model = build_lgd_model(cfg).train()
+    optimizers, _ = build_optimizers(cfg, model)
+    # The same batches, in the same order, for both arms.
+    batches = list(itertools.islice(iter(build_detection_train_loader(cfg)), 4))
+
+    def step(batch):
+        losses = model(batch)
+        total = sum(losses.values())
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in optimizers.values():
+            opt.step()
+
+    times = []
+    with EventStorage(0):
+        for i, batch in zip(range(warmup + iters), itertools.cycle(batches)):
+            _sync(device)
+            start = time.perf_counter()
+            step(batch)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        with FlopCounterMode(display=False) as counter:
+            step(batches[0])
+        result = {
+            "s_per_iter": statistics.median(times),
+            "images_per_s": cfg.SOLVER.IMS_PER_BATCH / statistics.median(times),
+            "peak_mb": _peak_mb(device),
+            "train_gflops": counter.get_total_flops() / 1e9,
+            "params_student": sum(p.numel() for p in model.student.parameters()),
+            "params_lgd_only": sum(p.numel() for p in model.teacher_parameters())
+            + (sum(p.numel() for p in model.distill_loss.parameters()) if model.distill_loss is not None else 0),
+        }
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch_profile(activities=activities, record_shapes=False) as prof:
+                for batch in batches[:2]:
+                    step(batch)
+            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    if not lgd:
+        result["inference_ms_per_image"] = _inference_ms(model, batches[0], iters, warmup, device)
+    return result
+
+
+def _inference_ms(model, batch, iters: int, warmup: int, device) -> float:
+    model.eval()
+    inputs = [{"image": batch[0]["image"]}]
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            _sync(device)
+            start = time.perf_counter()
+            model(inputs)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _arm_in_child(queue, cfg, lgd, iters, warmup, profile):
+    queue.put(_measure_arm(cfg, lgd, iters, warmup, profile))
+
+
+def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = False) -> dict:
+    """Measure baseline and LGD on `cfg` (each in a fresh process) and compare them.
+
+    Returns:
+        Nested dict with at least train.{baseline,lgd}_s_per_iter, train.lgd_over_baseline,
+        memory.{baseline,lgd}_peak_mb, params.student, params.lgd_only, inference.eager_ms_per_image.
+    """
+    ctx = mp.get_context("spawn")
+    arms = {}
+    for name, lgd in (("baseline", False), ("lgd", True)):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_arm_in_child, args=(queue, cfg, lgd, iters, warmup, profile))
+        child.start()
+        arms[name] = queue.get()
+        child.join()
+    base, lgd = arms["baseline"], arms["lgd"]
+    return {
+        "preset": cfg.LGD.PRESET,
+        "device": cfg.MODEL.DEVICE,
+        "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "iters": iters,
+        "warmup": warmup,
+        "train": {
+            "baseline_s_per_iter": base["s_per_iter"], "lgd_s_per_iter": lgd["s_per_iter"],
+            "baseline_images_per_s": base["images_per_s"], "lgd_images_per_s": lgd["images_per_s"],
+            "lgd_over_baseline": lgd["s_per_iter"] / base["s_per_iter"],
+        },
+        "flops": {
+            "baseline_train_gflops": base["train_gflops"], "lgd_train_gflops": lgd["train_gflops"],
+            "lgd_over_baseline": lgd["train_gflops"] / base["train_gflops"],
+        },
+        "memory": {
+            "baseline_peak_mb": base["peak_mb"], "lgd_peak_mb": lgd["peak_mb"],
+            "lgd_over_baseline": lgd["peak_mb"] / base["peak_mb"],
+        },
+        "params": {"student": lgd["params_student"], "lgd_only": lgd["params_lgd_only"]},
+        "inference": {"eager_ms_per_image": base["inference_ms_per_image"]},
+        **({"profile": {"lgd": lgd.get("profile", ""), "baseline": base.get("profile", "")}} if profile else {}),
+    }

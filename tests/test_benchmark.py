@@ -1,0 +1,23 @@
+"""`lgd benchmark` measures both arms and writes every key with sane values."""
+import pytest
+
+from lgd_cli.benchmark import run_benchmark
+from lgd_cli.config.build import build_config
+
+REQUIRED = ["train.baseline_s_per_iter", "train.lgd_s_per_iter", "train.lgd_over_baseline",
+            "memory.baseline_peak_mb", "memory.lgd_peak_mb", "params.student", "params.lgd_only",
+            "inference.eager_ms_per_image", "flops.lgd_over_baseline"]
+
+
+@pytest.mark.slow
+def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
+    cfg = build_config("demo", tiny_overrides, device="cpu")
+    result = run_benchmark(cfg, iters=2, warmup=1)
+    for dotted in REQUIRED:
+        section, key = dotted.split(".")
+        assert result[section][key] > 0, dotted
+    # LGD adds a second head pass and the teacher: more FLOPs and parameters, never fewer.
+    assert result["flops"]["lgd_over_baseline"] > 1.5
+    assert result["params"]["lgd_only"] > 0 and result["params"]["student"] > result["params"]["lgd_only"] / 10
+    assert result["train"]["lgd_over_baseline"] == pytest.approx(
+        result["train"]["lgd_s_per_iter"] / result["train"]["baseline_s_per_iter"])
