@@ -161,3 +161,32 @@ def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = Fals
         "inference": {"eager_ms_per_image": base["inference_ms_per_image"]},
         **({"profile": {"lgd": lgd.get("profile", ""), "baseline": base.get("profile", "")}} if profile else {}),
     }
+
+
+def render(result: dict, json_path=None) -> None:
+    """Print the benchmark table (and profiles); write JSON atomically when asked."""
+    import json
+    from pathlib import Path
+
+    from lgd_cli.console import console, table
+    from lgd_cli.engine.checkpoint import atomic_write_bytes
+
+    t, f, m = result["train"], result["flops"], result["memory"]
+    rows = [
+        ["train s/iter", t["baseline_s_per_iter"], t["lgd_s_per_iter"], t["lgd_over_baseline"]],
+        ["train images/s", t["baseline_images_per_s"], t["lgd_images_per_s"], t["baseline_images_per_s"] and t["lgd_images_per_s"] / t["baseline_images_per_s"]],
+        ["train GFLOPs/step", f["baseline_train_gflops"], f["lgd_train_gflops"], f["lgd_over_baseline"]],
+        ["peak memory MB", m["baseline_peak_mb"], m["lgd_peak_mb"], m["lgd_over_baseline"]],
+    ]
+    title = f"lgd benchmark: {result['preset']} on {result['device']}, batch {result['batch']}, median of {result['iters']} steps"
+    console.print(table(title, ["", "baseline", "LGD", "LGD / baseline"], rows))
+    console.print(table("model", ["", "value"], [
+        ["student parameters (deployed)", result["params"]["student"]],
+        ["LGD-only parameters (dropped after training)", result["params"]["lgd_only"]],
+        ["student inference ms/image (eager)", result["inference"]["eager_ms_per_image"]],
+    ]))
+    for arm, text in result.get("profile", {}).items():
+        console.print(f"[bold]{arm} step profile[/]\n{text}")
+    if json_path is not None:
+        atomic_write_bytes(Path(json_path), lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+        console.print(f"written to {json_path}")

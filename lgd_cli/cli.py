@@ -175,19 +175,44 @@ def convert_swin_weights(
 def export(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`."),
     format: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file. Default: <checkpoint folder>/model.ts or model.onnx; the sidecar is <output>.json."),
 ) -> None:
     """Export the student detector alone (no LGD modules) to TorchScript or ONNX, and verify it."""
-    _not_yet("export", "lgd export, lgd predict and lgd benchmark")
+    from lgd_cli import export as engine_export
+
+    engine_export.render(engine_export.export_checkpoint(checkpoint, format, output))
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`."),
+    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...)."),
+    output: Path = typer.Option(Path("predictions"), "--output", "-o", help="Folder for one drawn PNG per image and detections.json."),
+    score_thresh: float = typer.Option(0.5, "--score-thresh", min=0.0, max=1.0, help="Keep detections scoring above this (0-1)."),
+    device: Optional[str] = DEVICE_OPTION,
+) -> None:
+    """Detect objects in images with a checkpoint's student: drawn PNGs and COCO-format detections."""
+    from lgd_cli import predict as engine_predict
+
+    engine_predict.render(engine_predict.predict(checkpoint, images, output, score_thresh=score_thresh, device=device))
 
 
 @app.command()
 def benchmark(
-    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name."),
-    iters: int = typer.Option(20, "--iters", help="Timed iterations per measurement."),
+    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (`lgd presets`) or a YAML file."),
+    overrides: Optional[List[str]] = SET_OPTION,
+    iters: int = typer.Option(20, "--iters", min=1, help="Timed training steps per arm (after warm-up)."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first."),
+    device: Optional[str] = DEVICE_OPTION,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    profile: bool = typer.Option(False, "--profile", help="Add a torch.profiler table of the LGD and baseline steps."),
 ) -> None:
-    """Measure training step time, memory and inference latency of LGD against the baseline."""
-    _not_yet("benchmark", "lgd export, lgd predict and lgd benchmark")
+    """Measure LGD against the plain detector: step time, FLOPs, peak memory, parameters, inference latency."""
+    from lgd_cli.benchmark import render, run_benchmark
+    from lgd_cli.config.build import build_config
+
+    cfg = build_config(preset, list(overrides or []), device=device)
+    render(run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile), json_path)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [["export", "x.pth"], ["benchmark"], ["convert-swin-weights", "w.pth"]])
+@pytest.mark.parametrize("command", [["convert-swin-weights", "w.pth"]])
 def test_unimplemented_commands_say_so_with_exit_2(command, capsys):
     assert run(*command) == 2
     err = capsys.readouterr().err
@@ -69,7 +69,7 @@ def test_train_hands_the_engine_the_resolved_config(monkeypatch, tiny_overrides,
 
     def fake_train(cfg, output, **kwargs):
         seen.update(cfg=cfg, output=output, **kwargs)
-        return {"ok": True}
+        return {"final_checkpoint": str(output / "model_final.pth")}
 
     monkeypatch.setattr(engine_train, "train", fake_train)
     args = ["train", "--iters", "11", "--no-lgd", "--seed", "5", "--output", str(tmp_path / "run"), "--resume"]
@@ -89,7 +89,8 @@ def test_default_output_folder_names_preset_and_arm(monkeypatch, tiny_overrides)
     from lgd_cli.engine import train as engine_train
 
     outputs = []
-    monkeypatch.setattr(engine_train, "train", lambda cfg, output, **kw: outputs.append(output) or {})
+    monkeypatch.setattr(engine_train, "train",
+                        lambda cfg, output, **kw: outputs.append(output) or {"final_checkpoint": "x"})
     sets = [x for pair in tiny_overrides for x in ("--set", pair)]
     run("train", *sets)
     run("train", "--no-lgd", *sets)

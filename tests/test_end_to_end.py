@@ -69,3 +69,25 @@ def test_two_process_gloo_training(tiny_overrides, tmp_path):
     assert state["trainer"]["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert (out / "log.txt").is_file() and (out / "log.txt.rank1").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_finishes(tiny_overrides, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    pairs = tiny_overrides + ["SOLVER.MAX_ITER=40", "SOLVER.CHECKPOINT_PERIOD=5"]
+    proc = subprocess.Popen([*LGD, "train", "--output", str(out), *sets(pairs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "model_0000004.pth").is_file() and time.time() < deadline:  # the first checkpoint
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    stopped_at = torch.load(out / (out / "last_checkpoint").read_text(), weights_only=True)["trainer"]["iteration"]
+    assert 4 <= stopped_at < 39
+    lgd("train", "--output", str(out), "--resume", *sets(pairs))
+    assert torch.load(out / "model_final.pth", weights_only=True)["trainer"]["iteration"] == 39

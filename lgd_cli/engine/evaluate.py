@@ -86,7 +86,7 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
         {"checkpoint", "preset", "dataset", "student": metrics, ["teacher": metrics]}; also
         written to <output>/metrics.json beside COCO-format predictions.
     """
-    from lgd_cli.engine.train import build_lgd_model, register_datasets
+    from lgd_cli.engine.train import build_lgd_model, log_to_file, register_datasets
 
     checkpoint = Path(checkpoint)
     state = read_lgd_checkpoint(checkpoint)
@@ -106,6 +106,8 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
     if eval_teacher and model.teacher is None:
         raise DataError(f"{checkpoint} was trained without LGD (--no-lgd): there is no teacher to evaluate")
     output = Path(output) if output is not None else checkpoint.parent / "eval"
+    output.mkdir(parents=True, exist_ok=True)
+    log_to_file(output / "log.txt")
     results = {"checkpoint": str(checkpoint), "preset": cfg.LGD.PRESET,
                "dataset": MetadataCatalog.get(dataset).json_file}
     with torch.no_grad():

@@ -1,10 +1,16 @@
-"""Training hooks: LR schedules and LGD windows, rich progress, checkpoint bookkeeping."""
+"""Training hooks: LR schedules and LGD windows, rich progress, checkpoint bookkeeping, graceful stop."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
+import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from lgd_cli.console import training_progress
+from lgd_cli.errors import LgdError
 
 
 def distillation_active(iteration: int, pre: int, post: int, max_iter: int) -> bool:
@@ -93,3 +99,57 @@ class RichProgressHook(HookBase):
     def after_train(self):
         if self.progress is not None:
             self.progress.stop()
+
+
+class TrainingStopped(LgdError):
+    """SIGINT/SIGTERM arrived: the current iteration finished and a checkpoint was written."""
+
+
+class GracefulStopHook(HookBase):
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop (exit 130/143). A second one aborts at once.
+
+    What schedulers send before pre-emption is SIGTERM; losing at most the current step
+    beats losing everything since the last periodic checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)  # second signal: abort now
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+
+    def before_train(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def after_step(self):
+        received = self.received or 0
+        if comm.get_world_size() > 1:
+            # Every process stops at the same iteration (the signal may reach only one).
+            flag = torch.tensor([received], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            received = int(flag.item())
+        if not received:
+            return
+        name = f"model_{self.trainer.iter:07d}"
+        if comm.is_main_process():
+            self.checkpointer.save(name)
+        comm.synchronize()
+        signame = signal.Signals(received).name
+        raise TrainingStopped(f"stopped by {signame} after iteration {self.trainer.iter}; "
+                              f"checkpoint {name}.pth written in {self.checkpointer.save_dir}",
+                              hint="resume with the same command plus --resume",
+                              exit_code=128 + received)
+
+    def after_train(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}

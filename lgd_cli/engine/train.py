@@ -22,7 +22,7 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter  # noqa: E402
 from lgd_cli.config.build import TRAIN_DATASET, VAL_DATASET  # noqa: E402
 from lgd_cli.data.datasets import register_coco_json  # noqa: E402
 from lgd_cli.engine.checkpoint import LgdCheckpointer, atomic_write_bytes  # noqa: E402
-from lgd_cli.engine.hooks import CheckpointTracker, LgdScheduleHook, RichProgressHook  # noqa: E402
+from lgd_cli.engine.hooks import CheckpointTracker, GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
 from lgd_cli.engine.launch import launch  # noqa: E402
 from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
 from lgd_cli.engine.trainer import LGDTrainer  # noqa: E402
@@ -34,12 +34,16 @@ RUN_FILES = ("last_checkpoint", "config.yaml", "metrics.json", "summary.json", "
 RUN_GLOBS = ("model_*.pth", "events.out.tfevents.*", ".*.tmp")
 
 
-def _log_to_file(path: Path) -> None:
+def log_to_file(path: Path) -> None:
     """detectron2's and lgd's logs go to the run's log.txt; the terminal shows rich progress."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
+    handler._lgd_run_log = True
     for name in ("detectron2", "fvcore", "lgd_cli"):
         logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if getattr(h, "_lgd_run_log", False)]:
+            logger.removeHandler(old)  # a later run in the same process logs to its own folder
+            old.close()
         logger.setLevel(logging.INFO)
         logger.propagate = False
         logger.addHandler(handler)
@@ -106,7 +110,7 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
 
 def _train_worker(cfg, output: str, resume: bool) -> None:
     rank = comm.get_rank()
-    _log_to_file(Path(output) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"))
+    log_to_file(Path(output) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"))
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     register_datasets(cfg, splits=("train", "val") if cfg.TEST.EVAL_PERIOD > 0 else ("train",))
 
@@ -155,6 +159,7 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str) -> list:
         hooks.append(d2hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
                                                   max_to_keep=cfg.LGD.CHECKPOINT_KEEP))
     hooks.append(CheckpointTracker(checkpointer))
+    hooks.append(GracefulStopHook(checkpointer))
     if cfg.TEST.EVAL_PERIOD > 0:
         from lgd_cli.engine.evaluate import evaluate_model
 

@@ -1,0 +1,141 @@
+"""`lgd export`: the student alone to TorchScript or ONNX, verified against eager PyTorch before it is kept.
+
+trace.py builds and traces the student; verify.py reloads the file, compares and writes the sidecar.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lgd_cli.errors import ConfigError, LgdError
+
+if TYPE_CHECKING:
+    from lgd_cli.export.verify import Comparison
+
+FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}  # format -> default file name
+
+
+@dataclass
+class ExportResult:
+    """What `export_checkpoint` wrote and measured.
+
+    Args:
+        output, sidecar: the exported file and its `<output>.json`.
+        parameters: parameter count of the exported student (no teacher, no adapter).
+        comparison: exported vs eager detections (a verify.Comparison), None when not checked.
+        skipped: why the check did not run (ONNX without onnxruntime), else None.
+        seconds: export + verification wall time.
+    """
+
+    format: str
+    output: Path
+    sidecar: Path
+    parameters: int
+    comparison: Comparison | None
+    skipped: str | None
+    seconds: float
+
+
+def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path | None = None) -> ExportResult:
+    """Export the student of an lgd checkpoint, check the file against eager PyTorch, write the sidecar.
+
+    The file is written beside `output` under a temporary name and renamed over it only once its
+    detections match the eager student's on a sample image (verify.py states the tolerances); on a
+    mismatch nothing is written and an LgdError says by how much they differ. Runs on the CPU.
+
+    Args:
+        checkpoint: a file written by `lgd train`.
+        fmt: "torchscript" or "onnx".
+        output: target file; default <checkpoint folder>/model.ts or model.onnx.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}'", hint=f"use one of: {', '.join(FORMATS)}")
+    from lgd_cli.export import trace, verify
+
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    student, cfg = trace.load_student(checkpoint, device="cpu")
+    output = Path(output) if output is not None else checkpoint.parent / FORMATS[fmt]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image, sample = verify.sample_image(cfg)
+    inputs = verify.sample_inputs(image, cfg)
+
+    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    staged = Path(name)
+    try:
+        write = trace.export_torchscript if fmt == "torchscript" else trace.export_onnx
+        write(student, inputs[0], staged)
+        run = verify.load_exported(staged, fmt)
+        comparison, skipped = None, None
+        if run is None:
+            skipped = "onnxruntime is not installed"
+        else:
+            eager = [trace.detections(student, x) for x in inputs]
+            comparison = verify.compare(
+                eager, [run(x) for x in inputs], score_thresh=student.test_score_thresh,
+                max_detections=student.max_detections_per_image, sizes=[list(x.shape[1:]) for x in inputs])
+            if not comparison.ok:
+                raise _mismatch(comparison, output, fmt, sample)
+        os.chmod(staged, _default_mode())  # mkstemp makes it private; an export is meant to be shipped
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
+
+    sidecar = Path(f"{output}.json")
+    verify.write_sidecar(sidecar, verify.describe(cfg, student, fmt=fmt, output=output, checkpoint=checkpoint,
+                                                  sample=sample, comparison=comparison, skipped=skipped))
+    os.chmod(sidecar, _default_mode())
+    return ExportResult(format=fmt, output=output, sidecar=sidecar,
+                        parameters=sum(p.numel() for p in student.parameters()),
+                        comparison=comparison, skipped=skipped, seconds=time.perf_counter() - start)
+
+
+def _default_mode() -> int:
+    """What open() would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _mismatch(comparison, output: Path, fmt: str, sample: str) -> LgdError:
+    from lgd_cli.export.verify import BOX_ATOL, BOX_RTOL, SCORE_ATOL
+
+    c = comparison
+    kept = f"; the earlier {output.name} there is unchanged" if output.exists() else ""
+    return LgdError(
+        f"the exported {fmt} model disagrees with the eager student on {sample} (sizes {c.sizes}): "
+        f"largest box difference {c.max_box_diff:.3g} px (tolerance {BOX_ATOL:g} px + {BOX_RTOL:g} x coordinate), "
+        f"largest score difference {c.max_score_diff:.3g} (tolerance {SCORE_ATOL:g}), "
+        f"{c.unmatched - c.borderline} detections without a counterpart of the same class and score "
+        f"(eager {c.num_eager}, exported {c.num_exported}). {output} was not written{kept}",
+        hint="the checkpoint is unaffected and `lgd predict` runs it; please report this export failure")
+
+
+def render(result: ExportResult) -> None:
+    """Print what `export_checkpoint` wrote and how closely it matches eager PyTorch."""
+    from lgd_cli.console import console, table
+    from lgd_cli.export.verify import BOX_ATOL, BOX_RTOL, SCORE_ATOL
+
+    size_mb = result.output.stat().st_size / 2**20
+    rows = [["file", str(result.output)], ["format", result.format], ["size", f"{size_mb:.1f} MiB"],
+            ["parameters", f"{result.parameters:,} (student only)"]]
+    c = result.comparison
+    if c is not None:
+        rows += [["detections (eager / exported)", f"{c.num_eager} / {c.num_exported} at sizes {c.sizes}"],
+                 ["largest box difference", f"{c.max_box_diff:.3g} px (tolerance {BOX_ATOL:g} + {BOX_RTOL:g} x coordinate)"],
+                 ["largest score difference", f"{c.max_score_diff:.3g} (tolerance {SCORE_ATOL:g})"]]
+    rows += [["sidecar", str(result.sidecar)]]
+    console.print(table(f"lgd export ({result.seconds:.1f} s)", ["", "value"], rows))
+    if c is not None and not any(c.num_eager):
+        console.print(f"[yellow]verified on nothing[/]: the student detects nothing on the sample image above "
+                      f"its score threshold, so the check compared empty outputs")
+    elif c is not None:
+        console.print("[green]verified[/]: the exported model matches the eager student")
+    else:
+        console.print(f"[yellow]not verified[/]: {result.skipped}; install it with pip install 'lgd[onnx]' "
+                      "and export again to check the file")
