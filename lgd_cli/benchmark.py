@@ -70,20 +70,14 @@ def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool) -> dict
         for opt in optimizers.values():
             opt.step()
 
-    times = []
     with EventStorage(0):
-        for i, batch in zip(range(warmup + iters), itertools.cycle(batches)):
-            _sync(device)
-            start = time.perf_counter()
-            step(batch)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        cycle = itertools.cycle(batches)
+        seconds = _median_seconds(lambda: step(next(cycle)), iters, warmup, device)
         with FlopCounterMode(display=False) as counter:
             step(batches[0])
         result = {
-            "s_per_iter": statistics.median(times),
-            "images_per_s": cfg.SOLVER.IMS_PER_BATCH / statistics.median(times),
+            "s_per_iter": seconds,
+            "images_per_s": cfg.SOLVER.IMS_PER_BATCH / seconds,
             "peak_mb": _peak_mb(device),
             "train_gflops": counter.get_total_flops() / 1e9,
             "params_student": sum(p.numel() for p in model.student.parameters()),
@@ -99,23 +93,24 @@ def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool) -> dict
                     step(batch)
             result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     if not lgd:
-        result["inference_ms_per_image"] = _inference_ms(model, batches[0], iters, warmup, device)
+        model.eval()
+        inputs = [{"image": batches[0][0]["image"]}]
+        with torch.no_grad():
+            result["inference_ms_per_image"] = 1000 * _median_seconds(lambda: model(inputs), iters, warmup, device)
     return result
 
 
-def _inference_ms(model, batch, iters: int, warmup: int, device) -> float:
-    model.eval()
-    inputs = [{"image": batch[0]["image"]}]
+def _median_seconds(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `fn()` over `iters` calls after `warmup` untimed ones (GPU synchronised)."""
     times = []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            _sync(device)
-            start = time.perf_counter()
-            model(inputs)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    for i in range(warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _arm_in_child(queue, cfg, lgd, iters, warmup, profile):
@@ -169,7 +164,7 @@ def render(result: dict, json_path=None) -> None:
     from pathlib import Path
 
     from lgd_cli.console import console, table
-    from lgd_cli.engine.checkpoint import atomic_write_bytes
+    from lgd_cli.files import atomic_write_bytes
 
     t, f, m = result["train"], result["flops"], result["memory"]
     rows = [

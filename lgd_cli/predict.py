@@ -16,7 +16,7 @@ from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-from lgd_cli.engine.checkpoint import atomic_write_bytes  # noqa: E402
+from lgd_cli.files import atomic_write_bytes  # noqa: E402
 from lgd_cli.errors import DataError  # noqa: E402
 from lgd_cli.export.trace import category_ids, load_student, model_input  # noqa: E402
 

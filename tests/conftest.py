@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 import pytest
+import torch
 
 from lgd_cli.compat import detectron2 as _compat
 
@@ -40,3 +43,59 @@ def tiny_cfg(tiny_overrides):
     from lgd_cli.config.build import build_config
 
     return build_config("demo", tiny_overrides, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_overrides, tmp_path_factory):
+    """model_final.pth of a real 2-iteration LGD run on `tiny_data`, trained once per session."""
+    from lgd_cli.config.build import build_config
+    from lgd_cli.engine.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(build_config("demo", tiny_overrides + ["SOLVER.MAX_ITER=2", "SOLVER.CHECKPOINT_PERIOD=2"], device="cpu"), out)
+    return out / "model_final.pth"
+
+
+@pytest.fixture(scope="session")
+def exportable_checkpoint(trained_checkpoint, tmp_path_factory):
+    """A copy of `trained_checkpoint` whose head outputs are spread apart (see widen_head)."""
+    path = tmp_path_factory.mktemp("widened") / "model_final.pth"
+    shutil.copy(trained_checkpoint, path)
+    widen_head(path)
+    return path
+
+
+def widen_head(path) -> None:
+    """Spread the head's outputs of a 2-iteration checkpoint, in place.
+
+    After 2 iterations every anchor still scores the prior 0.01 within 1e-7, so which detections
+    survive top-k and NMS is decided by float noise and "the same detections" is undefined. Large
+    random classification and regression weights give distinct scores (about 0.1) and boxes away
+    from the anchors: a comparison with something to compare.
+    """
+    state = torch.load(path, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, std in (("cls_score", 300.0), ("bbox_pred", 50.0)):
+        weight = state["model"][f"student.head.{name}.weight"]
+        weight += std * torch.randn(weight.shape, generator=generator)
+    state["model"]["student.head.cls_score.bias"] += 2.0
+    torch.save(state, path)
+
+
+def run_cli(*args) -> int:
+    """Run `lgd ARGS` through cli.main, as a user would; returns the exit code."""
+    from lgd_cli import cli
+
+    argv, sys.argv = sys.argv, ["lgd", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+    finally:
+        sys.argv = argv
+    return exit_info.value.code
+
+
+@pytest.fixture
+def lgd_cli_run():
+    """The `run_cli` helper as a fixture."""
+    return run_cli

@@ -6,21 +6,10 @@ from typer.testing import CliRunner
 
 from lgd_cli import __version__, cli
 
+from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
+
 runner = CliRunner()
-
-
-def run(*args):
-    """Invoke through cli.main so errors are rendered as users see them; returns (code, output)."""
-    import sys
-
-    argv = sys.argv
-    sys.argv = ["lgd", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code
+run = run_cli
 
 
 def test_help_lists_the_subcommands():

@@ -1,33 +1,19 @@
 """`lgd predict`: drawn PNGs and COCO-result JSON from a real checkpoint; bad images refused before any work."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from lgd_cli import cli, predict as engine_predict
+from lgd_cli import predict as engine_predict
 from lgd_cli.errors import DataError
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_overrides, tmp_path_factory):
-    from lgd_cli.config.build import build_config
-    from lgd_cli.engine.train import train
-
-    out = tmp_path_factory.mktemp("predict-run")
-    train(build_config("demo", tiny_overrides + ["SOLVER.MAX_ITER=2", "SOLVER.CHECKPOINT_PERIOD=2"], device="cpu"), out)
-    return out / "model_final.pth"
+from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
-def run_cli(*args):
-    argv, sys.argv = sys.argv, ["lgd", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code
+@pytest.fixture
+def checkpoint(trained_checkpoint):
+    return trained_checkpoint
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from lgd_cli.compat import detectron2 as _compat
@@ -18,6 +16,7 @@ from detectron2.data.datasets import load_coco_json  # noqa: E402
 from lgd_cli.data.synthetic import SyntheticPaths, cache_root, ensure_synthetic  # noqa: E402
 from lgd_cli.data.validate import read_class_names, validate_coco  # noqa: E402
 from lgd_cli.errors import DataError  # noqa: E402
+from lgd_cli.files import atomic_write_bytes  # noqa: E402
 
 __all__ = ["coco_paths", "read_class_names", "register_coco_json", "register_synthetic", "synthetic_paths"]
 
@@ -92,14 +91,7 @@ def _write_cleaned(cleaned: dict, source: Path, cache_dir: Path | None) -> Path:
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_bytes(target, lambda f: f.write(content))
     except OSError as e:
         raise DataError(f"cannot write the cleaned copy of {source} to {folder}: {e.strerror or e}",
                         hint="make the lgd cache folder writable (set LGD_CACHE to move it)") from None

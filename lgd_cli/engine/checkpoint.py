@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -17,24 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from lgd_cli import __version__
 from lgd_cli.errors import CheckpointError
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it.
-
-    A crash or a full disk leaves the previous file untouched and no partial file behind.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from lgd_cli.files import atomic_write_bytes
 
 
 def lgd_metadata(cfg) -> dict:

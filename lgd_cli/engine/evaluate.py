@@ -20,7 +20,8 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E
 from lgd_cli.config.build import VAL_DATASET, config_from_checkpoint_yaml  # noqa: E402
 from lgd_cli.console import console, metrics_table, table, training_progress  # noqa: E402
 from lgd_cli.data.datasets import register_coco_json  # noqa: E402
-from lgd_cli.engine.checkpoint import atomic_write_bytes, read_lgd_checkpoint  # noqa: E402
+from lgd_cli.engine.checkpoint import read_lgd_checkpoint  # noqa: E402
+from lgd_cli.files import atomic_write_bytes  # noqa: E402
 from lgd_cli.errors import DataError  # noqa: E402
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

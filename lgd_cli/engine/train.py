@@ -21,7 +21,8 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter  # noqa: E402
 
 from lgd_cli.config.build import TRAIN_DATASET, VAL_DATASET  # noqa: E402
 from lgd_cli.data.datasets import register_coco_json  # noqa: E402
-from lgd_cli.engine.checkpoint import LgdCheckpointer, atomic_write_bytes  # noqa: E402
+from lgd_cli.engine.checkpoint import LgdCheckpointer  # noqa: E402
+from lgd_cli.files import atomic_write_bytes  # noqa: E402
 from lgd_cli.engine.hooks import CheckpointTracker, GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
 from lgd_cli.engine.launch import launch  # noqa: E402
 from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402

@@ -4,14 +4,13 @@ trace.py builds and traces the student; verify.py reloads the file, compares and
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lgd_cli.errors import ConfigError, LgdError
+from lgd_cli.files import staged_path
 
 if TYPE_CHECKING:
     from lgd_cli.export.verify import Comparison
@@ -64,10 +63,7 @@ def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path |
     image, sample = verify.sample_image(cfg)
     inputs = verify.sample_inputs(image, cfg)
 
-    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    staged = Path(name)
-    try:
+    with staged_path(output) as staged:
         write = trace.export_torchscript if fmt == "torchscript" else trace.export_onnx
         write(student, inputs[0], staged)
         run = verify.load_exported(staged, fmt)
@@ -81,25 +77,13 @@ def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path |
                 max_detections=student.max_detections_per_image, sizes=[list(x.shape[1:]) for x in inputs])
             if not comparison.ok:
                 raise _mismatch(comparison, output, fmt, sample)
-        os.chmod(staged, _default_mode())  # mkstemp makes it private; an export is meant to be shipped
-        os.replace(staged, output)
-    finally:
-        staged.unlink(missing_ok=True)
 
     sidecar = Path(f"{output}.json")
     verify.write_sidecar(sidecar, verify.describe(cfg, student, fmt=fmt, output=output, checkpoint=checkpoint,
                                                   sample=sample, comparison=comparison, skipped=skipped))
-    os.chmod(sidecar, _default_mode())
     return ExportResult(format=fmt, output=output, sidecar=sidecar,
                         parameters=sum(p.numel() for p in student.parameters()),
                         comparison=comparison, skipped=skipped, seconds=time.perf_counter() - start)
-
-
-def _default_mode() -> int:
-    """What open() would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _mismatch(comparison, output: Path, fmt: str, sample: str) -> LgdError:
@@ -132,8 +116,8 @@ def render(result: ExportResult) -> None:
     rows += [["sidecar", str(result.sidecar)]]
     console.print(table(f"lgd export ({result.seconds:.1f} s)", ["", "value"], rows))
     if c is not None and not any(c.num_eager):
-        console.print(f"[yellow]verified on nothing[/]: the student detects nothing on the sample image above "
-                      f"its score threshold, so the check compared empty outputs")
+        console.print("[yellow]verified on nothing[/]: the student detects nothing on the sample image above "
+                      "its score threshold, so the check compared empty outputs")
     elif c is not None:
         console.print("[green]verified[/]: the exported model matches the eager student")
     else:

@@ -17,7 +17,7 @@ from torch import Tensor  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 
 from lgd_cli import __version__  # noqa: E402
-from lgd_cli.engine.checkpoint import atomic_write_bytes  # noqa: E402
+from lgd_cli.files import atomic_write_bytes  # noqa: E402
 from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_input  # noqa: E402
 
 # Exported and eager detections agree when, for every pair of matched detections:

@@ -1,51 +1,18 @@
 """Tracing the student of a real checkpoint: TorchScript and ONNX round trips, student-only graphs, the CLI."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lgd_cli import cli
 from lgd_cli.export import export_checkpoint, trace
 
-
-def widen_head(path: Path) -> None:
-    """Spread the head's outputs of a 2-iteration checkpoint, in place.
-
-    After 2 iterations every anchor still scores the prior 0.01 within 1e-7, so which detections
-    survive top-k and NMS is decided by float noise and "the same detections" is undefined. Large
-    random classification and regression weights give distinct scores (about 0.1) and boxes away
-    from the anchors: a comparison with something to compare.
-    """
-    state = torch.load(path, weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for name, std in (("cls_score", 300.0), ("bbox_pred", 50.0)):
-        weight = state["model"][f"student.head.{name}.weight"]
-        weight += std * torch.randn(weight.shape, generator=generator)
-    state["model"]["student.head.cls_score.bias"] += 2.0
-    torch.save(state, path)
+from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_overrides, tmp_path_factory):
-    from lgd_cli.config.build import build_config
-    from lgd_cli.engine.train import train
-
-    out = tmp_path_factory.mktemp("export-run")
-    train(build_config("demo", tiny_overrides + ["SOLVER.MAX_ITER=2", "SOLVER.CHECKPOINT_PERIOD=2"], device="cpu"), out)
-    widen_head(out / "model_final.pth")
-    return out / "model_final.pth"
-
-
-def run_cli(*args):
-    argv, sys.argv = sys.argv, ["lgd", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code
+@pytest.fixture
+def checkpoint(exportable_checkpoint):
+    return exportable_checkpoint
 
 
 @pytest.mark.slow

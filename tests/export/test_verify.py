@@ -100,17 +100,10 @@ def test_second_sample_input_has_another_padded_size(tiny_cfg):
     assert torch.equal(second[..., :64], first) and torch.equal(second[..., 64:], first.flip(-1))
 
 
-# Exports of a real checkpoint. The fixture and widen_head are those of test_trace.py.
-@pytest.fixture(scope="module")
-def checkpoint(tiny_overrides, tmp_path_factory):
-    from lgd_cli.config.build import build_config
-    from lgd_cli.engine.train import train
-    from test_trace import widen_head
-
-    out = tmp_path_factory.mktemp("verify-run")
-    train(build_config("demo", tiny_overrides + ["SOLVER.MAX_ITER=2", "SOLVER.CHECKPOINT_PERIOD=2"], device="cpu"), out)
-    widen_head(out / "model_final.pth")
-    return out / "model_final.pth"
+# Exports of a real checkpoint (tests/conftest.py trains it once per session).
+@pytest.fixture
+def checkpoint(exportable_checkpoint):
+    return exportable_checkpoint
 
 
 @pytest.mark.slow
