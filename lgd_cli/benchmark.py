@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -25,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
 from lgd_cli.engine.train import build_lgd_model, register_datasets  # noqa: E402
+from lgd_cli.errors import LgdError  # noqa: E402
 
 
 def _arm_config(cfg, lgd: bool):
@@ -114,7 +116,30 @@ def _median_seconds(fn, iters: int, warmup: int, device: torch.device) -> float:
 
 
 def _arm_in_child(queue, cfg, lgd, iters, warmup, profile):
-    queue.put(_measure_arm(cfg, lgd, iters, warmup, profile))
+    _compat.fork_data_workers()
+    try:
+        queue.put(("ok", _measure_arm(cfg, lgd, iters, warmup, profile)))
+    except BaseException as exc:  # reported by the parent, which would otherwise wait forever
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def _run_arm(ctx, name: str, *args) -> dict:
+    queue = ctx.Queue()
+    child = ctx.Process(target=_arm_in_child, args=(queue, *args))
+    child.start()
+    while True:
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():
+                status, payload = "error", f"the process exited with code {child.exitcode}"
+                break
+    child.join()
+    if status != "ok":
+        raise LgdError(f"benchmark of the {name} arm failed: {payload}")
+    return payload
 
 
 def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = False) -> dict:
@@ -125,13 +150,8 @@ def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = Fals
         memory.{baseline,lgd}_peak_mb, params.student, params.lgd_only, inference.eager_ms_per_image.
     """
     ctx = mp.get_context("spawn")
-    arms = {}
-    for name, lgd in (("baseline", False), ("lgd", True)):
-        queue = ctx.Queue()
-        child = ctx.Process(target=_arm_in_child, args=(queue, cfg, lgd, iters, warmup, profile))
-        child.start()
-        arms[name] = queue.get()
-        child.join()
+    arms = {name: _run_arm(ctx, name, cfg, lgd, iters, warmup, profile)
+            for name, lgd in (("baseline", False), ("lgd", True))}
     base, lgd = arms["baseline"], arms["lgd"]
     return {
         "preset": cfg.LGD.PRESET,
@@ -181,7 +201,8 @@ def render(result: dict, json_path=None) -> None:
         ["student inference ms/image (eager)", result["inference"]["eager_ms_per_image"]],
     ]))
     for arm, text in result.get("profile", {}).items():
-        console.print(f"[bold]{arm} step profile[/]\n{text}")
+        console.print(f"[bold]{arm} step profile[/]")
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
     if json_path is not None:
         atomic_write_bytes(Path(json_path), lambda fh: fh.write(json.dumps(result, indent=1).encode()))
         console.print(f"written to {json_path}")

@@ -135,6 +135,19 @@ def _clip_only_parameters_with_gradients() -> None:
     _applied.append("gradient clipping skips parameters without gradients")
 
 
+def fork_data_workers() -> None:
+    """In a process started with "spawn", make DataLoader workers fork again (where fork exists).
+
+    A spawned process inherits "spawn" as its default start method, so its DataLoader workers
+    would re-import detectron2 from scratch, without these shims, while unpickling the dataset
+    mapper. Forked workers inherit the patched modules. Call it first thing in spawned children.
+    """
+    import multiprocessing
+
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
+
+
 def apply() -> list[str]:
     """Apply every needed shim once; return the descriptions of those applied (for `lgd doctor`)."""
     if _applied or getattr(apply, "_done", False):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
+from lgd_cli.compat import detectron2 as _compat
 from lgd_cli.errors import ConfigError, LgdError
 
 
@@ -50,6 +51,7 @@ def launch(worker, num_processes: int, *, num_machines: int = 1, machine_rank: i
 
 
 def _distributed_worker(local_rank, worker, world_size, num_per_machine, machine_rank, dist_url, args):
+    _compat.fork_data_workers()
     use_cuda = torch.cuda.is_available()
     rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=dist_url, world_size=world_size,
