@@ -17,7 +17,7 @@ def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
         section, key = dotted.split(".")
         assert result[section][key] > 0, dotted
     # LGD adds a second head pass and the teacher: more FLOPs and parameters, never fewer.
-    assert result["flops"]["lgd_over_baseline"] > 1.5
+    assert result["flops"]["lgd_over_baseline"] > 1.0
     assert result["params"]["lgd_only"] > 0 and result["params"]["student"] > result["params"]["lgd_only"] / 10
     assert result["train"]["lgd_over_baseline"] == pytest.approx(
         result["train"]["lgd_s_per_iter"] / result["train"]["baseline_s_per_iter"])

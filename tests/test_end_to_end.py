@@ -64,7 +64,10 @@ def test_train_resume_eval(tiny_overrides, tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_training(tiny_overrides, tmp_path):
     out = tmp_path / "ddp"
-    lgd("train", "--gpus", "2", "--output", str(out), *sets(tiny_overrides + ["SOLVER.MAX_ITER=4"]))
+    # A data-loader worker per process: spawned processes must still fork workers that keep
+    # lgd's detectron2 shims (compat.fork_data_workers).
+    lgd("train", "--gpus", "2", "--output", str(out),
+        *sets(tiny_overrides + ["SOLVER.MAX_ITER=4", "DATALOADER.NUM_WORKERS=1"]))
     state = torch.load(out / "model_final.pth", weights_only=True)
     assert state["trainer"]["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -127,9 +127,10 @@ def render(results: dict) -> None:
             continue
         for task, metrics in results[who].items():
             title = f"{who} {task} AP on {Path(results['dataset']).name}"
-            if who == "teacher":
-                title += " (teacher reads the ground truth: an upper bound, not a deployable model)"
             console.print(metrics_table(title, {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}))
+            if who == "teacher":
+                console.print("note: the teacher reads the ground truth, so its AP is an upper bound, "
+                              "not a deployable model's", soft_wrap=True, highlight=False)
             per_class = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
             if per_class:
                 console.print(table(f"{who} {task} AP per category", ["category", "AP"], per_class))
