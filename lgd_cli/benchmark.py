@@ -52,7 +52,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool) -> dict:
+def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool, export: bool = False) -> dict:
     """One arm in the current process: step times, peak memory, parameters, FLOPs, (profile)."""
     cfg = _arm_config(cfg, lgd)
     seed_all_rng(0)
@@ -96,10 +96,32 @@ def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool) -> dict
             result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     if not lgd:
         model.eval()
-        inputs = [{"image": batches[0][0]["image"]}]
+        image = batches[0][0]["image"].to(device).float()
         with torch.no_grad():
-            result["inference_ms_per_image"] = 1000 * _median_seconds(lambda: model(inputs), iters, warmup, device)
+            result["inference_ms_per_image"] = 1000 * _median_seconds(
+                lambda: model([{"image": image}]), iters, warmup, device)
+        if export:
+            result["export_ms_per_image"] = _export_latencies(model.student, image.cpu(), iters, warmup)
     return result
+
+
+def _export_latencies(student, image, iters: int, warmup: int) -> dict:
+    """Latency of the TorchScript and ONNX exports of `student` on `image` (CPU), in ms."""
+    import tempfile
+    from pathlib import Path
+
+    from lgd_cli.export import trace, verify
+
+    student = student.cpu().eval()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt, write in (("torchscript", trace.export_torchscript), ("onnx", trace.export_onnx)):
+            path = Path(tmp) / f"model.{fmt}"
+            write(student, image, path)
+            run = verify.load_exported(path, fmt)
+            if run is not None:  # ONNX needs onnxruntime
+                out[fmt] = 1000 * _median_seconds(lambda: run(image), iters, warmup, torch.device("cpu"))
+    return out
 
 
 def _median_seconds(fn, iters: int, warmup: int, device: torch.device) -> float:
@@ -115,10 +137,10 @@ def _median_seconds(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _arm_in_child(queue, cfg, lgd, iters, warmup, profile):
+def _arm_in_child(queue, cfg, lgd, iters, warmup, profile, export):
     _compat.fork_data_workers()
     try:
-        queue.put(("ok", _measure_arm(cfg, lgd, iters, warmup, profile)))
+        queue.put(("ok", _measure_arm(cfg, lgd, iters, warmup, profile, export)))
     except BaseException as exc:  # reported by the parent, which would otherwise wait forever
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
         raise
@@ -142,7 +164,7 @@ def _run_arm(ctx, name: str, *args) -> dict:
     return payload
 
 
-def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = False) -> dict:
+def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = False, export: bool = False) -> dict:
     """Measure baseline and LGD on `cfg` (each in a fresh process) and compare them.
 
     Returns:
@@ -150,7 +172,7 @@ def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = Fals
         memory.{baseline,lgd}_peak_mb, params.student, params.lgd_only, inference.eager_ms_per_image.
     """
     ctx = mp.get_context("spawn")
-    arms = {name: _run_arm(ctx, name, cfg, lgd, iters, warmup, profile)
+    arms = {name: _run_arm(ctx, name, cfg, lgd, iters, warmup, profile, export)
             for name, lgd in (("baseline", False), ("lgd", True))}
     base, lgd = arms["baseline"], arms["lgd"]
     return {
@@ -173,7 +195,12 @@ def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = Fals
             "lgd_over_baseline": lgd["peak_mb"] / base["peak_mb"],
         },
         "params": {"student": lgd["params_student"], "lgd_only": lgd["params_lgd_only"]},
-        "inference": {"eager_ms_per_image": base["inference_ms_per_image"]},
+        "inference": {
+            "eager_ms_per_image": base["inference_ms_per_image"],
+            **{f"{fmt}_ms_per_image": ms for fmt, ms in base.get("export_ms_per_image", {}).items()},
+            **{f"{fmt}_over_eager": ms / base["inference_ms_per_image"]
+               for fmt, ms in base.get("export_ms_per_image", {}).items()},
+        },
         **({"profile": {"lgd": lgd.get("profile", ""), "baseline": base.get("profile", "")}} if profile else {}),
     }
 
@@ -199,6 +226,9 @@ def render(result: dict, json_path=None) -> None:
         ["student parameters (deployed)", result["params"]["student"]],
         ["LGD-only parameters (dropped after training)", result["params"]["lgd_only"]],
         ["student inference ms/image (eager)", result["inference"]["eager_ms_per_image"]],
+        *[[f"student inference ms/image ({fmt}; / eager)",
+           f"{result['inference'][f'{fmt}_ms_per_image']:.2f} ({result['inference'][f'{fmt}_over_eager']:.2f})"]
+          for fmt in ("torchscript", "onnx") if f"{fmt}_ms_per_image" in result["inference"]],
     ]))
     for arm, text in result.get("profile", {}).items():
         console.print(f"[bold]{arm} step profile[/]")

@@ -41,8 +41,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show the full traceback of errors (also LGD_DEBUG=1).")) -> None:
     """Train, evaluate, export and benchmark object detectors with LGD on detectron2."""
+    if debug:
+        os.environ["LGD_DEBUG"] = "1"
 
 
 @app.command()
@@ -55,6 +58,8 @@ def train(
     no_lgd: bool = typer.Option(False, "--no-lgd", help="Train the plain detector with the same recipe (the baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start afresh in an --output folder that already holds a run."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Newest periodic checkpoints to keep (LGD.CHECKPOINT_KEEP, default 3); model_final is always kept."),
+    bad_boxes: Optional[str] = typer.Option(None, "--bad-boxes", help="Boxes outside the image or without area: clip (default: clip, drop what has no area left), drop, or error."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="COCO folder (annotations/, train2017/, val2017/) for COCO presets."),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="COCO-format training annotations (custom dataset)."),
     train_images: Optional[Path] = typer.Option(None, "--train-images", help="Folder of the training images."),
@@ -77,6 +82,10 @@ def train(
         pairs.append(f"SEED={seed}")
     if no_lgd:
         pairs.append("MODEL.DISTILLATOR.ENABLED=False")
+    if keep is not None:
+        pairs.append(f"LGD.CHECKPOINT_KEEP={keep}")
+    if bad_boxes is not None:
+        pairs.append(f"LGD.DATA.BAD_BOXES={bad_boxes}")
     if data_root is not None:
         pairs += ["LGD.DATA.SOURCE=coco", f"LGD.DATA.ROOT={data_root}"]
     custom = {"TRAIN_JSON": train_json, "TRAIN_IMAGES": train_images, "VAL_JSON": val_json, "VAL_IMAGES": val_images}
@@ -206,24 +215,24 @@ def benchmark(
     device: Optional[str] = DEVICE_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     profile: bool = typer.Option(False, "--profile", help="Add a torch.profiler table of the LGD and baseline steps."),
+    export: bool = typer.Option(False, "--export", help="Also time the student's TorchScript and ONNX exports (CPU)."),
 ) -> None:
     """Measure LGD against the plain detector: step time, FLOPs, peak memory, parameters, inference latency."""
     from lgd_cli.benchmark import render, run_benchmark
     from lgd_cli.config.build import build_config
 
     cfg = build_config(preset, list(overrides or []), device=device)
-    render(run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile), json_path)
+    render(run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export), json_path)
 
 
 def main() -> None:
     """Console entry point: run the app, turn LgdError and Ctrl-C into messages and exit codes."""
-    debug = os.environ.get("LGD_DEBUG") == "1"
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except LgdError as exc:
-        if debug:
+        if os.environ.get("LGD_DEBUG") == "1":
             raise
         print_error(exc.message, exc.hint)
         sys.exit(exc.exit_code)

@@ -12,10 +12,11 @@ REQUIRED = ["train.baseline_s_per_iter", "train.lgd_s_per_iter", "train.lgd_over
 @pytest.mark.slow
 def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
     cfg = build_config("demo", tiny_overrides, device="cpu")
-    result = run_benchmark(cfg, iters=2, warmup=1)
+    result = run_benchmark(cfg, iters=2, warmup=1, export=True)
     for dotted in REQUIRED:
         section, key = dotted.split(".")
         assert result[section][key] > 0, dotted
+    assert result["inference"]["torchscript_ms_per_image"] > 0 and result["inference"]["onnx_over_eager"] > 0
     # LGD adds a second head pass and the teacher: more FLOPs and parameters, never fewer.
     assert result["flops"]["lgd_over_baseline"] > 1.0
     assert result["params"]["lgd_only"] > 0 and result["params"]["student"] > result["params"]["lgd_only"] / 10

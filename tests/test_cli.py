@@ -38,6 +38,7 @@ def test_unimplemented_commands_say_so_with_exit_2(command, capsys):
     (["train", "--set", "SOLVER.MAX_ITER=abc"], "bad --set value", 2),
     (["train", "--iters", "0"], "must be positive", 2),
     (["train", "--set", "NOEQUALS"], "is not KEY=VALUE", 2),
+    (["train", "--bad-boxes", "fix"], "must be clip, drop or error", 2),
     (["eval", "missing.pth"], "missing.pth does not exist", 1),
 ])
 def test_bad_input_is_a_message_not_a_traceback(args, message, code, capsys):
@@ -61,7 +62,8 @@ def test_train_hands_the_engine_the_resolved_config(monkeypatch, tiny_overrides,
         return {"final_checkpoint": str(output / "model_final.pth")}
 
     monkeypatch.setattr(engine_train, "train", fake_train)
-    args = ["train", "--iters", "11", "--no-lgd", "--seed", "5", "--output", str(tmp_path / "run"), "--resume"]
+    args = ["train", "--iters", "11", "--no-lgd", "--seed", "5", "--output", str(tmp_path / "run"), "--resume",
+            "--keep", "2", "--bad-boxes", "drop"]
     for pair in tiny_overrides:
         args += ["--set", pair]
     args += ["--set", "SOLVER.MAX_ITER=13"]  # the user's --set comes after --iters: it wins
@@ -71,6 +73,7 @@ def test_train_hands_the_engine_the_resolved_config(monkeypatch, tiny_overrides,
     assert cfg.SOLVER.MAX_ITER == 13 and cfg.SEED == 7 and cfg.MODEL.DISTILLATOR.ENABLED is False
     assert cfg.LGD.CLASS_NAMES == ["circle", "square", "triangle", "star", "cross"]
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.is_frozen()
+    assert cfg.LGD.CHECKPOINT_KEEP == 2 and cfg.LGD.DATA.BAD_BOXES == "drop"
     assert seen["output"] == tmp_path / "run" and seen["resume"] is True and seen["num_processes"] == 1
 
 
@@ -96,3 +99,14 @@ def test_doctor_reports_detectron2(capsys):
     assert run("doctor") == 0
     out = capsys.readouterr().out
     assert "detectron2" in out and "pycocotools" in out
+
+
+def test_debug_shows_the_traceback(capsys):
+    import os
+
+    with pytest.raises(Exception) as info:
+        try:
+            run("--debug", "eval", "missing.pth")
+        finally:
+            os.environ.pop("LGD_DEBUG", None)
+    assert "missing.pth does not exist" in str(info.value)

@@ -137,14 +137,14 @@ def _train_worker(cfg, output: str, resume: bool) -> None:
         DetectionCheckpointer(model.student).load(cfg.MODEL.WEIGHTS)
     trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
     if comm.is_main_process():
-        storage = trainer.storage
+        histories = trainer.storage.histories()  # empty when a finished run is resumed
         summary = {
             "output": output,
             "iterations": cfg.SOLVER.MAX_ITER,
             "lgd": bool(cfg.MODEL.DISTILLATOR.ENABLED),
             "final_checkpoint": str(Path(output) / "model_final.pth"),
-            "s_per_iter": storage.history("time").global_avg() if "time" in storage.histories() else None,
-            "total_loss": storage.history("total_loss").median(20),
+            "s_per_iter": histories["time"].global_avg() if "time" in histories else None,
+            "total_loss": histories["total_loss"].median(20) if "total_loss" in histories else None,
         }
         atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
 
