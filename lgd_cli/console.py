@@ -28,7 +28,7 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) 
 
 def _fmt(value: object) -> str:
     if isinstance(value, float) and value != value:
-        return "n/a (no detections)"  # COCOeval gives NaN when nothing was detected
+        return "n/a"  # detectron2 reports NaN where COCOeval has nothing to score (e.g. no large objects)
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
     return str(value)
