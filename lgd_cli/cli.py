@@ -71,7 +71,12 @@ def train(
     dist_url: str = typer.Option("auto", "--dist-url", help="tcp://HOST:PORT of machine 0 for multi-machine runs."),
     device: Optional[str] = DEVICE_OPTION,
 ) -> None:
-    """Train a detector with LGD (or the plain baseline with --no-lgd) and save checkpoints."""
+    """Train a detector with LGD (or the plain baseline with --no-lgd) and save checkpoints.
+
+    Examples: `lgd train` (the CPU demo on the embedded data);
+    `lgd train --preset retinanet-r50-2x --gpus 8 --data-root datasets/coco`;
+    `lgd train --output output/demo --resume` (continue an interrupted run).
+    """
     from lgd_cli.config.build import build_config
     from lgd_cli.engine import train as engine_train
 

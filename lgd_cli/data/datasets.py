@@ -27,7 +27,7 @@ COCO_LAYOUT = """expected the standard COCO 2017 layout (images and annotations 
     annotations/instances_val2017.json
     train2017/   118287 images
     val2017/     5000 images
-point LGD.DATA.ROOT at the folder holding annotations/, train2017/ and val2017/"""
+point --data-root (LGD.DATA.ROOT) at the folder holding annotations/, train2017/ and val2017/"""
 
 logger = logging.getLogger(__name__)
 _registered: dict[str, tuple] = {}  # dataset name -> the files and options it was registered from
