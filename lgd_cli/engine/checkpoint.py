@@ -64,6 +64,7 @@ class LgdCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str, cfg, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self._lgd = lgd_metadata(cfg)
+        self.last_saved: str | None = None  # newest complete checkpoint written or resumed from
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -78,6 +79,7 @@ class LgdCheckpointer(DetectionCheckpointer):
             raise CheckpointError(f"could not write checkpoint {target}: {exc.strerror or exc}",
                                   hint="the previous checkpoint is intact; free disk space and --resume") from None
         self.tag_last_checkpoint(target.name)
+        self.last_saved = str(target)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         # The pointer moves only once the file it names is complete.

@@ -55,17 +55,6 @@ class LgdScheduleHook(HookBase):
             scheduler.load_state_dict(state_dict[name])
 
 
-class CheckpointTracker(HookBase):
-    """Remembers the newest complete checkpoint, so error messages can name it."""
-
-    def __init__(self, checkpointer):
-        self.checkpointer = checkpointer
-
-    def after_step(self):
-        if self.checkpointer.has_checkpoint():
-            self.trainer.last_checkpoint = self.checkpointer.get_checkpoint_file()
-
-
 class RichProgressHook(HookBase):
     """A rich progress bar: iteration, elapsed, ETA, total loss and the main terms (main process only)."""
 

@@ -23,7 +23,7 @@ from lgd_cli.config.build import TRAIN_DATASET, VAL_DATASET  # noqa: E402
 from lgd_cli.data.datasets import register_coco_json  # noqa: E402
 from lgd_cli.engine.checkpoint import LgdCheckpointer  # noqa: E402
 from lgd_cli.files import atomic_write_bytes  # noqa: E402
-from lgd_cli.engine.hooks import CheckpointTracker, GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
+from lgd_cli.engine.hooks import GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
 from lgd_cli.engine.launch import launch  # noqa: E402
 from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
 from lgd_cli.engine.trainer import LGDTrainer  # noqa: E402
@@ -125,12 +125,14 @@ def _train_worker(cfg, output: str, resume: bool) -> None:
     trainer = LGDTrainer(train_model, build_detection_train_loader(cfg), optimizers,
                          model.frozen_backbone_parameters())
     checkpointer = LgdCheckpointer(model, output, cfg, trainer=trainer)
+    trainer.checkpointer = checkpointer  # named in error messages (the newest complete checkpoint)
     trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output))
 
     start_iter = 0
     path = checkpointer.resume_path() if resume else None
     if path:
         checkpointer.load(path)
+        checkpointer.last_saved = path
         start_iter = trainer.iter + 1
         logging.getLogger("lgd_cli").info(f"resuming from {path} at iteration {start_iter}")
     elif cfg.MODEL.WEIGHTS:
@@ -159,7 +161,6 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str) -> list:
     if comm.is_main_process():
         hooks.append(d2hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
                                                   max_to_keep=cfg.LGD.CHECKPOINT_KEEP))
-    hooks.append(CheckpointTracker(checkpointer))
     hooks.append(GracefulStopHook(checkpointer))
     if cfg.TEST.EVAL_PERIOD > 0:
         from lgd_cli.engine.evaluate import evaluate_model

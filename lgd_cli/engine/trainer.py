@@ -39,7 +39,7 @@ class LGDTrainer(TrainerBase):
         self.optimizers = optimizers
         self.frozen_parameters = frozen_parameters
         self.freeze_backbone = False  # set each step by LgdScheduleHook
-        self.last_checkpoint = None  # path of the newest complete checkpoint, for messages
+        self.checkpointer = None  # an LgdCheckpointer, when there is one, for error messages
 
     def run_step(self):
         start = time.perf_counter()
@@ -75,7 +75,8 @@ class LGDTrainer(TrainerBase):
             return
         terms = [f"{name} ({_term_group(name)}) = {value}" for (name, value), b
                  in zip(loss_dict.items(), bad.tolist()) if b] or ["(on another process)"]
-        where = f"last complete checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint written yet"
+        last = getattr(self.checkpointer, "last_saved", None)
+        where = f"last complete checkpoint: {last}" if last else "no checkpoint written yet"
         raise NonFiniteLossError(
             f"non-finite loss at iteration {self.iter}: {', '.join(terms)}; {where}",
             hint="lower MODEL.DISTILLATOR.STUDENT.SOLVER.BASE_LR (and TEACHER), lengthen WARMUP_ITERS, "

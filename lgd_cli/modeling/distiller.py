@@ -43,6 +43,7 @@ class LGDDistiller(nn.Module):
         self.distill_loss = distill_loss
         self.add_context_box = add_context_box
         self.seams = DenseStudent(student)
+        self.strides = self.seams.strides()  # per FPN level, fixed by the backbone
         self.distill_active = True
         self.evaluate_teacher = False
 
@@ -90,7 +91,7 @@ class LGDDistiller(nn.Module):
         objects = pack_objects(
             [x.gt_boxes.tensor for x in gt_instances], [x.gt_classes for x in gt_instances],
             list(images.image_sizes), padded, self.add_context_box)
-        maps = self.teacher(features, objects, padded, self.seams.strides())
+        maps = self.teacher(features, objects, padded, self.strides)
         return maps, objects.valid.any()
 
     def forward(self, batched_inputs: list[dict]):
