@@ -51,7 +51,53 @@ def read_lgd_checkpoint(path: Path) -> dict:
     return data
 
 
-class LgdCheckpointer(DetectionCheckpointer):
+# What detectron2/MSRA `.pkl` weights legitimately contain: numpy arrays in plain containers.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+}
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Builds only numpy arrays and containers; any other global (code) is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_pickle_weights(path: Path) -> None:
+    """Refuse a `.pkl` weights file that would build anything but numpy arrays and containers.
+
+    The restricted load constructs nothing else, so running it is safe; detectron2's own loader
+    (which uses plain pickle) runs only after this passed.
+    """
+    try:
+        with open(path, "rb") as f:
+            _WeightsUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise CheckpointError(f"weights file {path} does not exist") from None
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} refers to {exc}, which could run code when loaded: refused",
+                              hint=".pkl weights may hold only numpy arrays (see README, Robustness)") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{path} is not a readable .pkl weights file ({type(exc).__name__})") from None
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer (model-zoo conversions included) that never unpickles code."""
+
+    def _load_file(self, f: str):
+        if f.endswith(".pkl"):
+            check_pickle_weights(Path(f))
+            return super()._load_file(f)
+        loaded = read_checkpoint(Path(f))
+        return loaded if "model" in loaded else {"model": loaded}
+
+
+class LgdCheckpointer(SafeDetectionCheckpointer):
     """DetectionCheckpointer whose files are written atomically and carry the run's config.
 
     Args:
@@ -85,11 +131,6 @@ class LgdCheckpointer(DetectionCheckpointer):
         # The pointer moves only once the file it names is complete.
         atomic_write_bytes(Path(self.save_dir) / "last_checkpoint",
                            lambda f: f.write(last_filename_basename.encode()))
-
-    def _load_file(self, f: str):
-        if f.endswith(".pkl"):
-            return super()._load_file(f)
-        return read_checkpoint(Path(f))
 
     def resume_path(self) -> str | None:
         """The newest complete checkpoint to resume from, or None for a fresh start."""

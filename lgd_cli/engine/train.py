@@ -11,7 +11,6 @@ from lgd_cli.compat import detectron2 as _compat
 _compat.apply()
 
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.engine import hooks as d2hooks  # noqa: E402
 from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
@@ -21,7 +20,7 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter  # noqa: E402
 
 from lgd_cli.config.build import TRAIN_DATASET, VAL_DATASET  # noqa: E402
 from lgd_cli.data.datasets import register_coco_json  # noqa: E402
-from lgd_cli.engine.checkpoint import LgdCheckpointer  # noqa: E402
+from lgd_cli.engine.checkpoint import LgdCheckpointer, SafeDetectionCheckpointer  # noqa: E402
 from lgd_cli.files import atomic_write_bytes  # noqa: E402
 from lgd_cli.engine.hooks import GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
 from lgd_cli.engine.launch import launch  # noqa: E402
@@ -136,7 +135,7 @@ def _train_worker(cfg, output: str, resume: bool) -> None:
         start_iter = trainer.iter + 1
         logging.getLogger("lgd_cli").info(f"resuming from {path} at iteration {start_iter}")
     elif cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model.student).load(cfg.MODEL.WEIGHTS)
+        SafeDetectionCheckpointer(model.student).load(cfg.MODEL.WEIGHTS)
     trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
     if comm.is_main_process():
         histories = trainer.storage.histories()  # empty when a finished run is resumed
