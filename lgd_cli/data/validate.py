@@ -61,6 +61,19 @@ class _Checker:
             self.fail(where, f"must be a JSON object, got {_show(value)}")
         return value
 
+    def unique_id(self, value, section: str, index: int, seen: dict[int, int]) -> tuple[int, str]:
+        """The `id` of record `section[index]`, refused if `seen` (id -> index) has it; records it.
+
+        Returns (id, the record's name for messages).
+        """
+        where = f"{section}[{index}]"
+        rid = self.int(self.get(self.record(value, where), "id", where), f"{where}.id")
+        where = f"{section}[{index}] (id {rid})"
+        if rid in seen:
+            self.fail(where, f"duplicate {section[:-1]} id {rid}, also {section}[{seen[rid]}]")
+        seen[rid] = index
+        return rid, where
+
     def get(self, rec: dict, key: str, where: str):
         if key not in rec:
             self.fail(where, f'"{key}" is missing')
@@ -208,12 +221,9 @@ def validate_coco(json_path: Path, image_root: Path, bad_boxes: str = "clip", al
     missing: list[str] = []
     if check_images and not os.path.isdir(image_root):
         raise DataError(f"image folder not found: {image_root} (images of {json_path})", hint="check the path")
+    image_index: dict[int, int] = {}
     for i, img in enumerate(data["images"]):
-        where = f"images[{i}]"
-        iid = c.int(c.get(c.record(img, where), "id", where), f"{where}.id")
-        where = f"images[{i}] (id {iid})"
-        if iid in images:
-            c.fail(where, f"duplicate image id {iid}, also images[{images[iid][0]}]")
+        iid, where = c.unique_id(img, "images", i, image_index)
         for key in ("width", "height"):
             c.int(c.get(img, key, where), f"{where}.{key}", 1, _MAX_SIDE)
         name = c.get(img, "file_name", where)
@@ -235,12 +245,7 @@ def validate_coco(json_path: Path, image_root: Path, bad_boxes: str = "clip", al
     cleaned_anns: list[dict] = []
     num_clipped = num_dropped = num_filled = 0
     for i, ann in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
-        aid = c.int(c.get(c.record(ann, where), "id", where), f"{where}.id")
-        where = f"annotations[{i}] (id {aid})"
-        if aid in seen:
-            c.fail(where, f"duplicate annotation id {aid}, also annotations[{seen[aid]}]")
-        seen[aid] = i
+        _, where = c.unique_id(ann, "annotations", i, seen)
         image_id = c.int(c.get(ann, "image_id", where), f"{where}.image_id")
         if image_id not in images:
             c.fail(where, f"image_id {image_id} is not in images", hint="every annotation must refer to a listed image")
