@@ -90,8 +90,7 @@ def _apply_relative_schedule(cfg: CfgNode) -> None:
 def _set_num_classes(cfg: CfgNode, num_classes: int) -> None:
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-    if "FCOS" in cfg.MODEL:
-        cfg.MODEL.FCOS.NUM_CLASSES = num_classes
+    cfg.MODEL.FCOS.NUM_CLASSES = num_classes
 
 
 def resolve_data(cfg: CfgNode) -> None:
@@ -139,7 +138,7 @@ def _check(cfg: CfgNode) -> None:
     d = cfg.MODEL.DISTILLATOR
     for block in ("STUDENT", "TEACHER"):
         solver = d[block].SOLVER
-        if solver.OPTIMIZER not in ("SGD", "AdamW"):
+        if solver.OPTIMIZER.upper() not in ("SGD", "ADAMW"):
             raise ConfigError(f"MODEL.DISTILLATOR.{block}.SOLVER.OPTIMIZER must be SGD or AdamW, not {solver.OPTIMIZER}")
         if solver.AMP.ENABLED:
             raise ConfigError(f"MODEL.DISTILLATOR.{block}.SOLVER.AMP.ENABLED is not supported by lgd")

@@ -8,7 +8,7 @@ def _solver_block(base_lr: float) -> CN:
     # One optimiser's recipe. The reference reads these blocks, never the top-level SOLVER
     # learning-rate keys: every parameter gets this LR and weight decay (no exemptions).
     block = CN()
-    block.OPTIMIZER = "SGD"  # "SGD" or "AdamW" (betas 0.9, 0.999)
+    block.OPTIMIZER = "SGD"  # "SGD" or "AdamW" (betas 0.9, 0.999), any case ("ADAMW" in the reference)
     block.BASE_LR = base_lr
     block.MOMENTUM = 0.9  # SGD only; never Nesterov, as in the reference
     block.WEIGHT_DECAY = 1e-4
@@ -22,8 +22,52 @@ def _solver_block(base_lr: float) -> CN:
     return block
 
 
+def _add_fcos_config(cfg: CN) -> None:
+    # The reference's FCOS keys (its FCOS is not detectron2's, which has no yacs config).
+    # lgd builds detectron2's FCOS from them; keys marked "parity" are carried so that a
+    # preset reads like the official config, and checked to hold the one value lgd supports.
+    f = cfg.MODEL.FCOS = CN()
+    f.NUM_CLASSES = 80
+    f.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    f.NUM_CONVS = 4
+    f.FPN_STRIDES = [8, 16, 32, 64, 128]  # parity: lgd reads the strides from the backbone
+    f.PRIOR_PROB = 0.01
+    f.CENTERNESS_ON_REG = True  # parity: detectron2's head predicts centerness from the box tower
+    f.NORM_REG_TARGETS = True  # parity: box deltas normalised by the stride
+    f.SCORE_THRESH_TEST = 0.05
+    f.TOPK_CANDIDATES_TEST = 1000
+    f.NMS_THRESH_TEST = 0.6
+    f.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # parity
+    f.FOCAL_LOSS_GAMMA = 2.0
+    f.FOCAL_LOSS_ALPHA = 0.25
+    f.IOU_LOSS_TYPE = "giou"  # parity
+    f.CENTER_SAMPLING_RADIUS = 1.5
+    # parity: per-level size ranges, as detectron2's FCOS derives them (4x and 8x the stride)
+    f.OBJECT_SIZES_OF_INTEREST = [[-1, 64], [64, 128], [128, 256], [256, 512], [512, float("inf")]]
+    f.NORM_SYNC = True  # parity: GroupNorm in the head has no cross-GPU statistics anyway
+    f.NORM = "GN"  # GroupNorm(32) in the head, as in every FCOS row
+    f.REG_WEIGHT = 2.0  # weight of the GIoU box loss
+    cfg.MODEL.SHIFT_GENERATOR = CN({"NUM_SHIFTS": 1, "OFFSET": 0.5})  # parity: one point per cell, centred
+    cfg.MODEL.NMS_TYPE = "normal"  # parity
+
+
+def _add_swint_config(cfg: CN) -> None:
+    # Swin Transformer backbone, the reference's key names (Swin-Tiny values).
+    s = cfg.MODEL.SWINT = CN()
+    s.EMBED_DIM = 96
+    s.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+    s.DEPTHS = [2, 2, 6, 2]
+    s.NUM_HEADS = [3, 6, 12, 24]
+    s.WINDOW_SIZE = 7
+    s.MLP_RATIO = 4
+    s.DROP_PATH_RATE = 0.2
+    s.APE = False  # absolute position embedding: off in every row (and not supported)
+
+
 def add_lgd_config(cfg: CN) -> None:
     """Add every key lgd reads to a detectron2 config (in place)."""
+    _add_fcos_config(cfg)
+    _add_swint_config(cfg)
     d = cfg.MODEL.DISTILLATOR = CN()
     d.ENABLED = True  # False (`lgd train --no-lgd`): the plain student, same recipe: the baseline
     d.LAMBDA = 1.0  # weight of loss_distill
