@@ -139,9 +139,12 @@ def presets() -> None:
     for info in list_presets():
         meta = info.meta
         paper = meta.get("PAPER_AP", -1)
-        rows.append([info.name, meta.get("DETECTOR", ""), meta.get("BACKBONE", ""), meta.get("SCHEDULE", ""),
-                     f"{paper:.1f}" if paper and paper > 0 else "-", meta.get("DESCRIPTION", "")])
-    console.print(table("presets (lgd train --preset NAME)", ["name", "detector", "backbone", "schedule", "paper mAP", "what"], rows))
+        mask = meta.get("PAPER_MASK_AP", -1)
+        ap = (f"{paper:.1f}" + (f" / {mask:.1f} mask" if mask > 0 else "")) if paper > 0 else "-"
+        rows.append([info.name, meta.get("DETECTOR", ""), meta.get("BACKBONE", ""), meta.get("SCHEDULE", ""), ap,
+                     meta.get("DESCRIPTION", "")])
+    console.print(table("presets (lgd train --preset NAME)",
+                        ["name", "detector", "backbone", "schedule", "paper mAP", "what"], rows))
 
 
 @app.command()

@@ -19,8 +19,8 @@ def print_error(message: str, hint: str | None = None) -> None:
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
     out = Table(title=title, title_justify="left")
-    for name in columns:
-        out.add_column(name)
+    for i, name in enumerate(columns):
+        out.add_column(name, no_wrap=i == 0)  # the first column names things: never cut or wrap it
     for row in rows:
         out.add_row(*[_fmt(v) for v in row])
     return out

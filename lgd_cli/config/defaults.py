@@ -121,4 +121,5 @@ def add_lgd_config(cfg: CN) -> None:
     lgd.META.BACKBONE = ""
     lgd.META.SCHEDULE = ""
     lgd.META.PAPER_AP = -1.0
+    lgd.META.PAPER_MASK_AP = -1.0  # Mask R-CNN rows: the paper's mask mAP
     lgd.META.DESCRIPTION = ""

@@ -13,6 +13,18 @@ RECIPES = json.loads((Path(__file__).parents[1] / "fixtures" / "reference-recipe
 PRESET_OF_ROW = {
     "RetinaNet-R-50": "retinanet-r50-2x",
     "RetinaNet-R-101": "retinanet-r101-2x",
+    "RetinaNet-R-101-DCNv2": "retinanet-r101-dcn-2x",
+    "RetinaNet-X-101-DCNv2": "retinanet-x101-dcn-2x",
+    "RetinaNet-Swin-Tiny": "retinanet-swint-3x",
+    "FCOS-R-50": "fcos-r50-2x",
+    "FCOS-R-101": "fcos-r101-2x",
+    "FCOS-R-101-DCNv2": "fcos-r101-dcn-2x",
+    "FCOS-X-101-DCNv2": "fcos-x101-dcn-2x",
+    "FasterRCNN-R-50": "faster-rcnn-r50-2x",
+    "FasterRCNN-R-101": "faster-rcnn-r101-2x",
+    "FasterRCNN-R-101-DCNv2": "faster-rcnn-r101-dcn-2x",
+    "FasterRCNN-X-101-DCNv2": "faster-rcnn-x101-dcn-2x",
+    "MaskRCNN-Swin-Tiny": "mask-rcnn-swint-3x",
 }
 # Reference keys lgd does not carry, each with the reason.
 NOT_CARRIED = {
@@ -50,6 +62,8 @@ def _value(cfg, key):
 
 
 def _same(a, b) -> bool:
+    if b == "inf":  # the JSON's spelling of float("inf") (its value_conventions)
+        b = math.inf
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, bool) or isinstance(b, bool):
