@@ -34,8 +34,3 @@ class DataError(LgdError):
 class CheckpointError(LgdError):
     """A checkpoint or weights file that is missing, truncated or not ours."""
 
-
-class NotImplementedYet(LgdError):
-    """A subcommand whose issue has not landed yet."""
-
-    exit_code = 2

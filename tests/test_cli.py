@@ -24,13 +24,6 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [["convert-swin-weights", "w.pth"]])
-def test_unimplemented_commands_say_so_with_exit_2(command, capsys):
-    assert run(*command) == 2
-    err = capsys.readouterr().err
-    assert "not implemented yet" in err and "Traceback" not in err
-
-
 @pytest.mark.parametrize("args, message, code", [
     (["train", "--preset", "retinanet-r50-x2"], "unknown preset 'retinanet-r50-x2'", 2),
     (["train", "--set", "MODEL.DISTILLATOR.LAMDA=2"], "unknown config key 'MODEL.DISTILLATOR.LAMDA'", 2),
