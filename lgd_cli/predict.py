@@ -18,7 +18,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from lgd_cli.files import atomic_write_bytes  # noqa: E402
 from lgd_cli.errors import DataError  # noqa: E402
-from lgd_cli.export.trace import category_ids, load_student, model_input  # noqa: E402
+from lgd_cli.export.trace import category_ids, load_student, model_input, set_score_thresh  # noqa: E402
 
 DETECTIONS_FILE = "detections.json"
 
@@ -82,7 +82,7 @@ def predict(checkpoint: Path, images: Sequence[Path], output: Path = Path("predi
     images = [Path(p) for p in images]
     check_images(images)
     student, cfg = load_student(checkpoint, device=device)
-    student.test_score_thresh = score_thresh  # RetinaNet and FCOS drop lower scores before NMS
+    set_score_thresh(student, score_thresh)  # lower scores are dropped before NMS
     metadata = Metadata(thing_classes=list(cfg.LGD.CLASS_NAMES))
     ids = category_ids(cfg)
     output = Path(output)

@@ -101,3 +101,29 @@ def run_cli(*args) -> int:
 def lgd_cli_run():
     """The `run_cli` helper as a fixture."""
     return run_cli
+
+
+# `--set` pairs (on top of tiny_overrides) turning the tiny RetinaNet into a tiny FCOS, Faster or Mask R-CNN:
+# the R-CNN heads shrunk to match 64-px images and 32 channels.
+_FCOS_SET = ["MODEL.META_ARCHITECTURE=FCOS",
+            # p7 of a 64-px image is 1x1: GroupNorm(32) over 32 channels would see one value per group.
+            "MODEL.FCOS.NORM="]
+_RCNN_SET = [
+    "MODEL.META_ARCHITECTURE=GeneralizedRCNN", "MODEL.BACKBONE.NAME=build_resnet_fpn_backbone",
+    "MODEL.RESNETS.OUT_FEATURES=['res2','res3','res4','res5']", "MODEL.FPN.IN_FEATURES=['res2','res3','res4','res5']",
+    "MODEL.ANCHOR_GENERATOR.SIZES=[[8],[16],[32],[64],[128]]", "MODEL.RPN.IN_FEATURES=['p2','p3','p4','p5','p6']",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE=64", "MODEL.RPN.PRE_NMS_TOPK_TRAIN=200", "MODEL.RPN.POST_NMS_TOPK_TRAIN=50",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST=200", "MODEL.RPN.POST_NMS_TOPK_TEST=50",
+    "MODEL.ROI_HEADS.NAME=StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES=['p2','p3','p4','p5']",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=32", "MODEL.ROI_BOX_HEAD.NAME=FastRCNNConvFCHead",
+    "MODEL.ROI_BOX_HEAD.NUM_FC=2", "MODEL.ROI_BOX_HEAD.FC_DIM=64", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION=7",
+    "MODEL.ROI_MASK_HEAD.NAME=MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV=2",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM=32", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION=14",
+    # The reference's R-CNN rows.
+    "MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX=False", "MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=True",
+]
+STUDENT_OVERRIDES = {
+    "fcos": _FCOS_SET,
+    "faster": _RCNN_SET,
+    "mask": _RCNN_SET + ["MODEL.MASK_ON=True"],
+}

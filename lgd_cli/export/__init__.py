@@ -72,9 +72,10 @@ def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path |
             skipped = "onnxruntime is not installed"
         else:
             eager = [trace.detections(student, x) for x in inputs]
+            cuts = trace.postprocess_settings(student)
             comparison = verify.compare(
-                eager, [run(x) for x in inputs], score_thresh=student.test_score_thresh,
-                max_detections=student.max_detections_per_image, sizes=[list(x.shape[1:]) for x in inputs])
+                eager, [run(x) for x in inputs], score_thresh=cuts["score_thresh"],
+                max_detections=cuts["max_detections"], sizes=[list(x.shape[1:]) for x in inputs])
             if not comparison.ok:
                 raise _mismatch(comparison, output, fmt, sample)
 

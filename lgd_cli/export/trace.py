@@ -35,7 +35,7 @@ def load_student(checkpoint: Path, *, device: str | None = "cpu"):
         checkpoint: a file written by `lgd train`.
         device: where the student runs; None picks CUDA when available.
     Returns:
-        (student, cfg): a detectron2 dense detector (RetinaNet) and the frozen config it was built from.
+        (student, cfg): a detectron2 detector (RetinaNet, FCOS, R-CNN) and the frozen config it was built from.
     """
     from lgd_cli.engine.train import build_lgd_model
 
@@ -49,6 +49,26 @@ def load_student(checkpoint: Path, *, device: str | None = "cpu"):
         raise CheckpointError(f"{checkpoint}: its weights do not fit the model its own config builds ({first})",
                               hint="the file may come from another lgd version; re-train or re-export from its run") from None
     return model.student.eval(), cfg
+
+
+def _postprocessor(student: nn.Module) -> tuple[nn.Module, str]:
+    # Dense detectors (RetinaNet, FCOS) hold their test-time cuts; R-CNNs keep them in the box predictor.
+    roi_heads = getattr(student, "roi_heads", None)
+    if roi_heads is not None:
+        return roi_heads.box_predictor, "test_topk_per_image"
+    return student, "max_detections_per_image"
+
+
+def postprocess_settings(student: nn.Module) -> dict:
+    """The student's test-time cuts: {"score_thresh", "nms_thresh", "max_detections"}."""
+    owner, max_name = _postprocessor(student)
+    return {"score_thresh": owner.test_score_thresh, "nms_thresh": owner.test_nms_thresh,
+            "max_detections": getattr(owner, max_name)}
+
+
+def set_score_thresh(student: nn.Module, value: float) -> None:
+    """Make the student drop detections scoring below `value` (RetinaNet, FCOS, R-CNNs)."""
+    _postprocessor(student)[0].test_score_thresh = value
 
 
 def category_ids(cfg) -> list[int]:

@@ -18,7 +18,7 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 
 from lgd_cli import __version__  # noqa: E402
 from lgd_cli.files import atomic_write_bytes  # noqa: E402
-from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_input  # noqa: E402
+from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_input, postprocess_settings  # noqa: E402
 
 # Exported and eager detections agree when, for every pair of matched detections:
 # |box_exported - box_eager| <= BOX_ATOL + BOX_RTOL * |box_eager| per coordinate (pixels of the input),
@@ -193,8 +193,7 @@ def describe(cfg, student, *, fmt: str, output: Path, checkpoint: Path, sample: 
             "scores": "[N] float32, decreasing",
             "classes": "[N] int64 index into classes (category_ids gives the dataset's id)",
         },
-        "postprocess": {"score_thresh": student.test_score_thresh, "nms_thresh": student.test_nms_thresh,
-                        "max_detections": student.max_detections_per_image},
+        "postprocess": postprocess_settings(student),
         "verification": {
             "checked": comparison is not None, "skipped_because": skipped, "sample": sample,
             "tolerances": tolerances(), **(comparison.to_json() if comparison is not None else {}),

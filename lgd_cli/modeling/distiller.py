@@ -13,10 +13,26 @@ _compat.apply()
 
 from detectron2.config import configurable  # noqa: E402
 from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector  # noqa: E402
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
+from detectron2.utils.events import get_event_storage  # noqa: E402
 
+from lgd_cli.errors import ConfigError  # noqa: E402
 from lgd_cli.modeling.lgd import DistillationLoss, pack_objects  # noqa: E402
 from lgd_cli.modeling.lgd.teacher import ImplicitTeacher  # noqa: E402
-from lgd_cli.modeling.students.dense import DenseStudent, DenseTargets  # noqa: E402
+from lgd_cli.modeling.students import fcos as _fcos  # noqa: E402,F401  (registers the "FCOS" meta-architecture)
+from lgd_cli.modeling.students.dense import DenseStudent  # noqa: E402
+from lgd_cli.modeling.students.rcnn import RCNNStudent, label_map_cells, label_map_crops  # noqa: E402
+
+
+def student_seams(student: nn.Module) -> DenseStudent | RCNNStudent:
+    """The seams of a detectron2 student: one interface for dense detectors and R-CNNs."""
+    if isinstance(student, DenseDetector):
+        return DenseStudent(student)
+    if isinstance(student, GeneralizedRCNN):
+        return RCNNStudent(student)
+    raise ConfigError(f"LGD cannot distil a {type(student).__name__}: the student must be RetinaNet, FCOS "
+                      "or GeneralizedRCNN (Faster / Mask R-CNN)")
 
 
 @META_ARCH_REGISTRY.register()
@@ -24,10 +40,12 @@ class LGDDistiller(nn.Module):
     """Student detector + implicit teacher + distillation adapter.
 
     Args:
-        student: a detectron2 dense detector (RetinaNet, FCOS), trained as usual.
+        student: a detectron2 RetinaNet, FCOS or GeneralizedRCNN (Faster / Mask R-CNN), trained as usual.
         teacher: the implicit teacher, or None for the plain baseline (`--no-lgd`).
         distill_loss: adapter + instance-norm MSE, or None for the baseline.
         add_context_box: pack one whole-image context slot per image for the teacher.
+        label_maps: the teacher reads instance masks (LOAD_LABELMAP, Mask R-CNN): 7×7 crops in
+            the label descriptor, mask-shaped pooling and rendering regions.
 
     Attributes set by the training hooks (plain Python state, identical on every process):
         distill_active: student features receive the distillation gradient.
@@ -36,13 +54,15 @@ class LGDDistiller(nn.Module):
 
     @configurable
     def __init__(self, *, student: nn.Module, teacher: ImplicitTeacher | None = None,
-                 distill_loss: DistillationLoss | None = None, add_context_box: bool = True):
+                 distill_loss: DistillationLoss | None = None, add_context_box: bool = True,
+                 label_maps: bool = False):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.distill_loss = distill_loss
         self.add_context_box = add_context_box
-        self.seams = DenseStudent(student)
+        self.label_maps = label_maps
+        self.seams = student_seams(student)
         self.strides = self.seams.strides()  # per FPN level, fixed by the backbone
         self.distill_active = True
         self.evaluate_teacher = False
@@ -53,9 +73,12 @@ class LGDDistiller(nn.Module):
         d = cfg.MODEL.DISTILLATOR
         if not d.ENABLED:
             return {"student": student}
+        if d.LABEL_ENCODER.LOAD_LABELMAP and not cfg.MODEL.MASK_ON:
+            raise ConfigError("MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP reads instance masks, which are "
+                              "loaded only with MODEL.MASK_ON=True (Mask R-CNN)")
         channels = cfg.MODEL.FPN.OUT_CHANNELS
         teacher = ImplicitTeacher(
-            num_classes=len(cfg.LGD.CLASS_NAMES) or student.num_classes,
+            num_classes=len(cfg.LGD.CLASS_NAMES) or student_seams(student).num_classes,
             channels=channels,
             add_context_box=d.TEACHER.ADD_CONTEXT_BOX,
             detach_appearance=d.TEACHER.DETACH_APPEARANCE_EMBED,
@@ -69,6 +92,7 @@ class LGDDistiller(nn.Module):
             "teacher": teacher.to(student.device),
             "distill_loss": DistillationLoss(channels, loss_weight=d.LAMBDA).to(student.device),
             "add_context_box": d.TEACHER.ADD_CONTEXT_BOX,
+            "label_maps": d.LABEL_ENCODER.LOAD_LABELMAP,
         }
 
     @property
@@ -90,8 +114,13 @@ class LGDDistiller(nn.Module):
         padded = tuple(images.tensor.shape[-2:])
         objects = pack_objects(
             [x.gt_boxes.tensor for x in gt_instances], [x.gt_classes for x in gt_instances],
-            list(images.image_sizes), padded, self.add_context_box)
-        maps = self.teacher(features, objects, padded, self.strides)
+            list(images.image_sizes), padded, self.add_context_box,
+            gt_masks7=label_map_crops(gt_instances) if self.label_maps else None)
+        cells = None
+        if self.label_maps:
+            shapes = [tuple(f.shape[-2:]) for f in features]
+            cells = label_map_cells(gt_instances, objects.include, objects.is_context, shapes, self.strides)
+        maps = self.teacher(features, objects, padded, self.strides, cell_masks=cells)
         return maps, objects.valid.any()
 
     def forward(self, batched_inputs: list[dict]):
@@ -101,13 +130,16 @@ class LGDDistiller(nn.Module):
             return self.student(batched_inputs)
         images, features = self.seams.extract(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        targets = DenseTargets()
+        targets = self.seams.new_targets()
         losses = self.seams.losses(images, features, gt_instances, targets)
         teacher_maps, has_objects = self._teacher_maps(images, features, gt_instances)
         # A batch without a single box has nothing to teach: keep the graph (every
         # parameter still gets a gradient, as DDP requires) but let it contribute zero.
         weight = has_objects.to(features[0].dtype)
-        teacher_losses = self.seams.losses(images, teacher_maps, gt_instances, targets)
+        # The heads log statistics (positive anchors, ROI samples): the teacher pass's go
+        # under "teacher/" instead of overwriting the student's.
+        with get_event_storage().name_scope("teacher"):
+            teacher_losses = self.seams.losses(images, teacher_maps, gt_instances, targets)
         losses.update({f"{k}.tea": v * weight for k, v in teacher_losses.items()})
         losses["loss_distill"] = weight * self.distill_loss(
             features, teacher_maps, detach_student=not self.distill_active)

@@ -38,20 +38,24 @@ class ImplicitTeacher(nn.Module):
         self.mapper = KnowledgeMapper(channels, add_context_box=add_context_box)
 
     def forward(self, features: list[Tensor], objects: ObjectBatch, padded_size: tuple[int, int],
-                strides: list[int]) -> list[Tensor]:
+                strides: list[int], cell_masks: list[Tensor] | None = None) -> list[Tensor]:
         """
         Args:
             features: L student FPN maps (B, C, H_l, W_l).
             objects: the batch's ground truth as padded slots (B, N).
             padded_size: (H, W) of the padded image batch.
             strides: L level strides in pixels.
+            cell_masks: L precomputed (B, N, H_l, W_l) cell masks (e.g. instance-shaped, for
+                label maps) used instead of the boxes' for pooling and rendering.
 
         Returns:
             L teacher maps, each the shape of the matching student map.
         """
         shapes = [tuple(f.shape[-2:]) for f in features]
         # 1. Which cells each object covers, per level: shared by pooling and rendering.
-        masks = box_cell_masks(objects.boxes, objects.include, objects.is_context, shapes, strides)
+        masks = cell_masks
+        if masks is None:
+            masks = box_cell_masks(objects.boxes, objects.include, objects.is_context, shapes, strides)
         # 2. One label embedding per object, one appearance embedding per object and level.
         labels = self.label_encoder(objects, padded_size)
         appearance = self.appearance(features, masks)

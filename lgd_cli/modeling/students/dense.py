@@ -1,4 +1,4 @@
-"""Seams into detectron2's one-stage detectors (RetinaNet; FCOS uses the generic path).
+"""Seams into detectron2's one-stage detectors (RetinaNet, FCOS).
 
 The distiller needs what DenseDetector.forward computes in one go, split apart: the
 preprocessed images, the FPN features, the targets, and "head + loss on these features"
@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import ImageList, Instances
 
@@ -23,15 +24,15 @@ class DenseTargets:
     anchors: Any = None
     gt_labels: Any = None
     gt_boxes: Any = None
-    normalizer: float | None = None  # RetinaNet's loss-normaliser EMA before this batch
+    normalizer: float | None = None  # the loss-normaliser EMA before this batch
 
 
 class DenseStudent:
     """Stateless view over a detectron2 DenseDetector (no parameters of its own).
 
     Args:
-        detector: a detectron2 RetinaNet (targets shared between passes) or another
-            DenseDetector such as FCOS (head + its own forward_training per pass).
+        detector: a detectron2 RetinaNet or FCOS (targets shared between passes), or
+            another DenseDetector (head + its own forward_training per pass).
     """
 
     def __init__(self, detector: DenseDetector):
@@ -40,6 +41,15 @@ class DenseStudent:
     @property
     def in_features(self) -> list[str]:
         return list(self.detector.head_in_features)
+
+    @staticmethod
+    def new_targets() -> DenseTargets:
+        """An empty container for one batch's targets, filled by the first `losses` call."""
+        return DenseTargets()
+
+    @property
+    def num_classes(self) -> int:
+        return self.detector.num_classes
 
     def strides(self) -> list[int]:
         shapes = self.detector.backbone.output_shape()
@@ -61,9 +71,13 @@ class DenseStudent:
         """Head + loss on `features`. The first call fills `targets`; later calls reuse them."""
         det = self.detector
         predictions = det.head(features)
-        if not isinstance(det, RetinaNet):
+        if isinstance(det, RetinaNet):
+            dims = [det.num_classes, 4]  # logits, box deltas
+        elif isinstance(det, FCOS):
+            dims = [det.num_classes, 4, 1]  # logits, box deltas, centerness
+        else:
             return det.forward_training(images, features, predictions, gt_instances)
-        pred_logits, pred_deltas = det._transpose_dense_predictions(predictions, [det.num_classes, 4])
+        pred_logits, pred_deltas, *extra = det._transpose_dense_predictions(predictions, dims)
         if targets.anchors is None:
             targets.anchors = det.anchor_generator(features)
             targets.gt_labels, targets.gt_boxes = det.label_anchors(targets.anchors, gt_instances)
@@ -74,7 +88,7 @@ class DenseStudent:
             det.loss_normalizer = targets.normalizer
         else:
             del det.loss_normalizer
-        return det.losses(targets.anchors, pred_logits, targets.gt_labels, pred_deltas, targets.gt_boxes)
+        return det.losses(targets.anchors, pred_logits, targets.gt_labels, pred_deltas, targets.gt_boxes, *extra)
 
     def inference(self, images: ImageList, features: list[Tensor], batched_inputs: list[dict]) -> list[dict]:
         """Detections from given maps, post-processed to each input's requested size."""

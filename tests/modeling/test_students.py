@@ -1,0 +1,277 @@
+"""LGD on the FCOS, Faster R-CNN and Mask R-CNN students: loss terms, shared targets, empty batches, label maps."""
+import pytest
+import torch
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+from lgd_cli.config.build import build_config
+from lgd_cli.engine.train import build_lgd_model
+from lgd_cli.errors import ConfigError
+from lgd_cli.modeling.lgd import box_cell_masks
+from lgd_cli.modeling.students.fcos import FCOS
+from lgd_cli.modeling.students.rcnn import label_map_cells
+
+from conftest import STUDENT_OVERRIDES as DETECTORS  # noqa: E402  (tests/ is on sys.path via its conftest)
+
+# pycocotools (rasterising polygons) on numpy 2.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+STUDENT_TERMS = {
+    "fcos": {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"},
+    "faster": {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"},
+    "mask": {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_mask"},
+}
+# The switch values the reference does not use for a detector: both must work everywhere.
+OTHER_SWITCHES = {
+    "fcos": ["MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX=False", "MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=True"],
+    "faster": ["MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX=True", "MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=False"],
+    "mask": ["MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX=True", "MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=False"],
+}
+
+
+def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0, bitmasks=False):
+    """Random boxes, each with a diamond-shaped polygon mask inscribed in it (or its bitmask)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        inst = Instances((size, size))
+        xy = torch.rand(boxes_per_image, 2, generator=g) * size / 2
+        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + 8
+        boxes = torch.cat([xy, xy + wh], 1)
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, 3, (boxes_per_image,), generator=g)
+        polygons = [[[(x0 + x1) / 2, y0, x1, (y0 + y1) / 2, (x0 + x1) / 2, y1, x0, (y0 + y1) / 2]]
+                    for x0, y0, x1, y1 in boxes.tolist()]
+        masks = PolygonMasks(polygons)
+        if boxes_per_image:  # detectron2's mapper gives images without objects no gt_masks
+            inst.gt_masks = BitMasks.from_polygon_masks(masks, size, size) if bitmasks else masks
+        batch.append({"image": torch.randint(0, 255, (3, size, size), generator=g).float(), "instances": inst})
+    return batch
+
+
+def targets_positives(targets) -> int:
+    labels = torch.stack(targets.gt_labels)
+    return max(int(((labels >= 0) & (labels != 3)).sum()), 1)
+
+
+@pytest.fixture
+def build(tiny_overrides):
+    def build(detector, *extra, eval_mode=False):
+        cfg = build_config("demo", tiny_overrides + ["LGD.DATA.SOURCE=synthetic", *DETECTORS[detector], *extra],
+                           device="cpu", resolve_dataset=False)
+        cfg.defrost()
+        cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
+        cfg.MODEL.FCOS.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+        torch.manual_seed(0)
+        model = build_lgd_model(cfg)
+        return model.eval() if eval_mode else model.train()
+    return build
+
+
+def losses_of(model, batch):
+    with EventStorage(0):
+        return model(batch)
+
+
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_lgd_iterations_give_all_terms_and_train_teacher_and_student(build, detector):
+    model = build(detector)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(2):
+        optimizer.zero_grad()
+        losses = losses_of(model, make_batch(seed=step))
+        tea = {f"{k}.tea" for k in STUDENT_TERMS[detector]}
+        assert set(losses) == STUDENT_TERMS[detector] | tea | {"loss_distill"}
+        assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values()), losses
+        assert losses["loss_distill"] > 0
+        sum(losses.values()).backward()
+        for group in (model.teacher, model.student.backbone.bottom_up, model.distill_loss):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in group.parameters())
+        # Every parameter takes part (DDP without find_unused_parameters).
+        assert not [name for name, p in model.named_parameters() if p.grad is None]
+        optimizer.step()
+
+
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_teacher_pass_on_the_student_maps_reproduces_the_student_losses(build, detector):
+    """Targets are shared: the same maps through the second pass give the same losses (and EMA state)."""
+    model = build(detector)
+    seams = model.seams
+    batch = make_batch()
+    gt = [x["instances"] for x in batch]
+    with EventStorage(0):
+        images, maps = seams.extract(batch)
+        targets = seams.new_targets()
+        before = getattr(model.student, "loss_normalizer", None)
+        seams.losses(images, maps, gt, targets)  # fills the targets (the RPN samples its anchors here)
+        assert targets.anchors is not None
+        torch.manual_seed(1)  # the ROI heads sample proposals at random in each pass
+        first = seams.losses(images, maps, gt, targets)
+        after_first = getattr(model.student, "loss_normalizer", None)
+        torch.manual_seed(1)
+        second = seams.losses(images, maps, gt, targets)
+    assert set(first) == set(second) == STUDENT_TERMS[detector]
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+    # FCOS's loss-normaliser EMA is rewound for each later pass: one update per batch.
+    assert getattr(model.student, "loss_normalizer", None) == after_first
+    if detector == "fcos":
+        assert before is None and after_first == pytest.approx(0.9 * 300 + 0.1 * targets_positives(targets))
+
+
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_baseline_trains_the_plain_student(build, detector):
+    model = build(detector, "MODEL.DISTILLATOR.ENABLED=False")
+    assert model.teacher is None and model.distill_loss is None
+    assert set(losses_of(model, make_batch())) == STUDENT_TERMS[detector]
+
+
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_all_empty_batch_gives_zero_teacher_and_distillation(build, detector):
+    extra = ["MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP=True"] if detector == "mask" else []
+    model = build(detector, *OTHER_SWITCHES[detector], *extra)
+    losses = losses_of(model, make_batch(boxes_per_image=0))
+    teacher_terms = [k for k in losses if k.endswith(".tea")] + ["loss_distill"]
+    assert all(losses[k] == 0 for k in teacher_terms), losses
+    sum(losses.values()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_evaluate_teacher_detects_from_the_teacher_maps(build, detector):
+    extra = ["MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP=True"] if detector == "mask" else []
+    model = build(detector, *extra, eval_mode=True)
+    model.evaluate_teacher = True
+    called = []
+    model.teacher.register_forward_hook(lambda *a: called.append(1))
+    batch = make_batch()
+    batch[0].update(height=128, width=128)
+    with torch.no_grad():
+        out = model(batch)
+    assert called and len(out) == 2
+    instances = out[0]["instances"]
+    assert isinstance(instances, Instances) and instances.image_size == (128, 128)
+    assert instances.has("pred_boxes") and instances.has("scores")
+    assert instances.has("pred_masks") is (detector == "mask")
+
+
+@pytest.mark.parametrize("bitmasks", [False, True])
+def test_label_maps_put_mask_crops_in_the_descriptor_and_train(build, bitmasks):
+    model = build("mask", "MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP=True")
+    assert model.label_maps and model.teacher.label_encoder.in_dim == 4 + 3 + 49
+    # One image without objects (and so without gt_masks) beside one with.
+    batch = make_batch(num_images=1, bitmasks=bitmasks) + make_batch(num_images=1, boxes_per_image=0, seed=1)
+    losses = losses_of(model, batch)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_distill"] > 0
+    sum(losses.values()).backward()
+    assert any(p.grad.abs().sum() > 0 for p in model.teacher.label_encoder.parameters())
+
+
+def test_label_maps_need_masks(build):
+    with pytest.raises(ConfigError, match="MASK_ON"):
+        build("faster", "MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP=True")
+
+
+@pytest.mark.parametrize("bitmasks", [False, True])
+def test_label_map_cells_of_a_rectangle_match_its_box_cells(bitmasks):
+    size, strides = 64, [4, 8, 16, 32, 64]
+    shapes = [(size // s, size // s) for s in strides]
+    box = [5.0, 9.0, 43.0, 30.0]  # no side on a cell point of any level
+    x0, y0, x1, y1 = box
+    inst = Instances((size, size), gt_boxes=Boxes(torch.tensor([box])), gt_classes=torch.tensor([0]))
+    masks = PolygonMasks([[[x0, y0, x1, y0, x1, y1, x0, y1]]])
+    inst.gt_masks = BitMasks.from_polygon_masks(masks, size, size) if bitmasks else masks
+    include, context = torch.tensor([[True, True]]), torch.tensor([[False, True]])
+    cells = label_map_cells([inst], include, context, shapes, strides)
+    boxes = torch.tensor([[box, [0, 0, size, size]]])
+    expected = box_cell_masks(boxes, include, context, shapes, strides)
+    for got, want in zip(cells, expected):
+        torch.testing.assert_close(got, want)
+    assert cells[0][0, 0].sum() > 0 and cells[-1][0, 1].all()
+
+
+def test_label_map_cells_follow_the_mask_shape():
+    size, strides = 64, [4, 8]
+    shapes = [(16, 16), (8, 8)]
+    triangle = [[[0.0, 0.0, 63.0, 0.0, 0.0, 63.0]]]  # the upper-left half of the image
+    inst = Instances((size, size), gt_boxes=Boxes(torch.tensor([[0.0, 0.0, 63.0, 63.0]])), gt_classes=torch.tensor([1]))
+    inst.gt_masks = PolygonMasks(triangle)
+    cells = label_map_cells([inst], torch.tensor([[True]]), torch.tensor([[False]]), shapes, strides)
+    fine = cells[0][0, 0]
+    assert fine[1, 1] == 1 and fine[14, 14] == 0 and 0.4 < fine.mean() < 0.65
+    torch.testing.assert_close(cells[1][0, 0], fine[::2, ::2])
+
+
+def test_fcos_is_registered_and_reg_weight_scales_the_box_loss(build):
+    assert META_ARCH_REGISTRY.get("FCOS") is FCOS
+    batch = make_batch()
+    one = losses_of(build("fcos", "MODEL.FCOS.REG_WEIGHT=1.0", "MODEL.DISTILLATOR.ENABLED=False"), batch)
+    two = losses_of(build("fcos", "MODEL.FCOS.REG_WEIGHT=2.0", "MODEL.DISTILLATOR.ENABLED=False"), batch)
+    torch.testing.assert_close(two["loss_fcos_loc"], 2 * one["loss_fcos_loc"])
+    torch.testing.assert_close(two["loss_fcos_cls"], one["loss_fcos_cls"])
+
+
+def test_fcos_reads_its_keys(build):
+    model = build("fcos", "MODEL.FCOS.NUM_CONVS=2", "MODEL.FCOS.CENTER_SAMPLING_RADIUS=2.5",
+                  "MODEL.FCOS.SCORE_THRESH_TEST=0.3", "MODEL.FCOS.NMS_THRESH_TEST=0.5", "MODEL.FCOS.NORM=GN",
+                  "TEST.DETECTIONS_PER_IMAGE=7", "MODEL.FCOS.IN_FEATURES=['p3','p4','p5','p6']",
+                  "MODEL.FCOS.FPN_STRIDES=[8,16,32,64]",
+                  "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST=[[-1,64],[64,128],[128,256],[256,1e9]]")
+    s = model.student
+    assert len(s.head.cls_subnet) == 2 * 3  # conv, GroupNorm, ReLU per conv
+    assert isinstance(s.head.cls_subnet[1], torch.nn.GroupNorm)
+    assert (s.center_sampling_radius, s.test_score_thresh, s.test_nms_thresh, s.max_detections_per_image) == (
+        2.5, 0.3, 0.5, 7)
+    assert model.strides == [8, 16, 32, 64] and s.num_classes == 3
+
+
+@pytest.mark.parametrize("override, key", [
+    ("MODEL.FCOS.FPN_STRIDES=[4,8,16,32,64]", "MODEL.FCOS.FPN_STRIDES"),
+    ("MODEL.FCOS.CENTERNESS_ON_REG=False", "MODEL.FCOS.CENTERNESS_ON_REG"),
+    ("MODEL.FCOS.NORM_REG_TARGETS=False", "MODEL.FCOS.NORM_REG_TARGETS"),
+    ("MODEL.FCOS.BBOX_REG_WEIGHTS=(10.0,10.0,5.0,5.0)", "MODEL.FCOS.BBOX_REG_WEIGHTS"),
+    ("MODEL.FCOS.IOU_LOSS_TYPE=iou", "MODEL.FCOS.IOU_LOSS_TYPE"),
+    ("MODEL.FCOS.OBJECT_SIZES_OF_INTEREST=[[-1,32],[32,128],[128,256],[256,512],[512,1e9]]",
+     "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST"),
+    ("MODEL.FCOS.NORM_SYNC=False", "MODEL.FCOS.NORM_SYNC"),
+    ("MODEL.SHIFT_GENERATOR.NUM_SHIFTS=2", "MODEL.SHIFT_GENERATOR.NUM_SHIFTS"),
+    ("MODEL.SHIFT_GENERATOR.OFFSET=0.0", "MODEL.SHIFT_GENERATOR.OFFSET"),
+    ("MODEL.NMS_TYPE=soft", "MODEL.NMS_TYPE"),
+])
+def test_fcos_refuses_what_detectron2s_fcos_cannot_do(build, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build("fcos", override)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector", list(DETECTORS))
+def test_train_and_evaluate_through_the_engine(tiny_overrides, tmp_path, detector):
+    from lgd_cli.engine.evaluate import evaluate_checkpoint
+    from lgd_cli.engine.train import train
+
+    # Low test thresholds: after 3 iterations every score is near its prior, and AP needs detections.
+    extra = ["SOLVER.MAX_ITER=3", "SOLVER.CHECKPOINT_PERIOD=3", "MODEL.FCOS.SCORE_THRESH_TEST=0.0",
+             "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0"]
+    if detector == "mask":
+        extra.append("MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP=True")
+    cfg = build_config("demo", tiny_overrides + DETECTORS[detector] + extra, device="cpu")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["iterations"] == 3 and summary["lgd"]
+    results = evaluate_checkpoint(tmp_path / "run" / "model_final.pth", eval_teacher=True)
+    tasks = {"bbox", "segm"} if detector == "mask" else {"bbox"}
+    for who in ("student", "teacher"):
+        assert set(results[who]) == tasks
+        for task in tasks:
+            assert 0.0 <= results[who][task]["AP"] <= 100.0
+
+
+def test_fcos_labels_images_without_boxes_as_background(build):
+    fcos = build("fcos", "MODEL.DISTILLATOR.ENABLED=False").student
+    full, empty = make_batch(num_images=1)[0]["instances"], make_batch(num_images=1, boxes_per_image=0)[0]["instances"]
+    anchors = fcos.anchor_generator([torch.zeros(1, 32, -(-64 // s), -(-64 // s)) for s in (8, 16, 32, 64, 128)])
+    labels, boxes = fcos.label_anchors(anchors, [empty, full, empty])
+    alone, alone_boxes = fcos.label_anchors(anchors, [full])
+    assert (labels[0] == 3).all() and (labels[2] == 3).all() and (labels[1] < 3).any()
+    assert torch.equal(labels[1], alone[0]) and torch.equal(boxes[1].tensor, alone_boxes[0].tensor)
