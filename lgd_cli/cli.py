@@ -13,7 +13,7 @@ import typer
 
 from lgd_cli import __version__
 from lgd_cli.console import console, print_error
-from lgd_cli.errors import LgdError, NotImplementedYet
+from lgd_cli.errors import LgdError
 
 app = typer.Typer(
     name="lgd",
@@ -48,6 +48,18 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
         os.environ["LGD_DEBUG"] = "1"
 
 
+def _data_pairs(data_root, train_json, train_images, val_json, val_images) -> list[str]:
+    """The data options of `train` and `compare` as config pairs."""
+    pairs = []
+    if data_root is not None:
+        pairs += ["LGD.DATA.SOURCE=coco", f"LGD.DATA.ROOT={data_root}"]
+    custom = {"TRAIN_JSON": train_json, "TRAIN_IMAGES": train_images, "VAL_JSON": val_json, "VAL_IMAGES": val_images}
+    if any(v is not None for v in custom.values()):
+        pairs.append("LGD.DATA.SOURCE=custom")
+        pairs += [f"LGD.DATA.{k}={v.resolve()}" for k, v in custom.items() if v is not None]
+    return pairs
+
+
 @app.command()
 def train(
     preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (`lgd presets`) or a YAML file."),
@@ -60,6 +72,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start afresh in an --output folder that already holds a run."),
     keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Newest periodic checkpoints to keep (LGD.CHECKPOINT_KEEP, default 3); model_final is always kept."),
     bad_boxes: Optional[str] = typer.Option(None, "--bad-boxes", help="Boxes outside the image or without area: clip (default: clip, drop what has no area left), drop, or error."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip training images that cannot be decoded (a warning each) instead of failing (LGD.DATA.SKIP_BAD_IMAGES)."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept image file_names that are absolute or climb out of the image folder with '..' (LGD.DATA.ALLOW_OUTSIDE_ROOT)."),
+    skip_nonfinite: Optional[int] = typer.Option(None, "--skip-nonfinite", min=0, metavar="K", help="Skip up to K batches whose loss is NaN/inf (no optimiser step) before failing (LGD.SKIP_NONFINITE, default 0)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="COCO folder (annotations/, train2017/, val2017/) for COCO presets."),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="COCO-format training annotations (custom dataset)."),
     train_images: Optional[Path] = typer.Option(None, "--train-images", help="Folder of the training images."),
@@ -91,12 +106,13 @@ def train(
         pairs.append(f"LGD.CHECKPOINT_KEEP={keep}")
     if bad_boxes is not None:
         pairs.append(f"LGD.DATA.BAD_BOXES={bad_boxes}")
-    if data_root is not None:
-        pairs += ["LGD.DATA.SOURCE=coco", f"LGD.DATA.ROOT={data_root}"]
-    custom = {"TRAIN_JSON": train_json, "TRAIN_IMAGES": train_images, "VAL_JSON": val_json, "VAL_IMAGES": val_images}
-    if any(v is not None for v in custom.values()):
-        pairs.append("LGD.DATA.SOURCE=custom")
-        pairs += [f"LGD.DATA.{k}={v.resolve()}" for k, v in custom.items() if v is not None]
+    if skip_bad_images:
+        pairs.append("LGD.DATA.SKIP_BAD_IMAGES=True")
+    if allow_outside_root:
+        pairs.append("LGD.DATA.ALLOW_OUTSIDE_ROOT=True")
+    if skip_nonfinite is not None:
+        pairs.append(f"LGD.SKIP_NONFINITE={skip_nonfinite}")
+    pairs += _data_pairs(data_root, train_json, train_images, val_json, val_images)
     cfg = build_config(preset, pairs + list(overrides or []), device=device)
     if output is None:
         output = Path("output") / (cfg.LGD.PRESET + ("" if cfg.MODEL.DISTILLATOR.ENABLED else "-baseline"))
@@ -175,17 +191,16 @@ def data_synth(
     console.print(f"wrote {paths.train_json} and {paths.val_json}")
 
 
-def _not_yet(command: str, issue: str) -> None:
-    raise NotImplementedYet(f"`lgd {command}` is not implemented yet", hint=f"tracked in the issue '{issue}'")
-
-
 @app.command("convert-swin-weights")
 def convert_swin_weights(
-    source: Path = typer.Argument(..., help="Official or OpenMMLab Swin ImageNet checkpoint."),
-    target: Optional[Path] = typer.Argument(None, help="Output file. Default: <source>_lgd.pth."),
+    source: Path = typer.Argument(..., help="Official or OpenMMLab Swin ImageNet checkpoint (.pth)."),
+    target: Optional[Path] = typer.Argument(None, help="Output file. Default: <source stem>_converted.pth beside it."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
 ) -> None:
-    """Convert Swin-Tiny ImageNet weights into the layout of lgd's Swin backbone."""
-    _not_yet("convert-swin-weights", "Every detector and backbone of the paper")
+    """Convert Swin ImageNet weights into a MODEL.WEIGHTS file for lgd's Swin backbone."""
+    from lgd_cli.modeling.backbones import swin_convert
+
+    swin_convert.render(swin_convert.convert_swin_weights(source, target, force=force))
 
 
 @app.command()
@@ -231,6 +246,50 @@ def benchmark(
 
     cfg = build_config(preset, list(overrides or []), device=device)
     render(run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export), json_path)
+
+
+@app.command()
+def compare(
+    preset: str = typer.Option("demo", "--preset", "-p", help="Preset name (`lgd presets`) or a YAML file."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per arm (0..N-1); the interval needs at least 2."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations of every run (SOLVER.MAX_ITER). Default: the preset's."),
+    eval_period: Optional[int] = typer.Option(None, "--eval-period", min=0, help="Evaluate every P iterations for the AP curves (0: only at the end). Default: 5 points per run."),
+    overrides: Optional[List[str]] = SET_OPTION,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Comparison folder. Default: output/compare-<preset>."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs trained at once, each in its own process."),
+    resume: bool = typer.Option(False, "--resume", help="Complete the comparison in --output: reuse finished runs, resume interrupted ones."),
+    interval: str = typer.Option("t", "--interval", help="95% interval of LGD - baseline: t (paired t, default) or bootstrap (percentile; too narrow for few seeds)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="COCO folder (annotations/, train2017/, val2017/) for COCO presets."),
+    train_json: Optional[Path] = typer.Option(None, "--train-json", help="COCO-format training annotations (custom dataset)."),
+    train_images: Optional[Path] = typer.Option(None, "--train-images", help="Folder of the training images."),
+    val_json: Optional[Path] = typer.Option(None, "--val-json", help="COCO-format validation annotations."),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Folder of the validation images."),
+    device: Optional[str] = DEVICE_OPTION,
+) -> None:
+    """Measure whether LGD is worth its cost: baseline and LGD, same recipe, data and seeds, with intervals.
+
+    Writes DIR/seed<S>/{baseline,lgd}/ (one training run each), compare.json, compare.md and PNG curves.
+    Example: `lgd compare --preset demo --seeds 3 --output output/compare-demo`.
+    """
+    from lgd_cli.compare.experiment import run_comparison
+    from lgd_cli.compare.report import render
+    from lgd_cli.compare.runner import make_settings
+    from lgd_cli.compare.stats import METHODS
+
+    if interval not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--interval")
+    pairs = [f"SOLVER.MAX_ITER={iters}"] if iters is not None else []
+    pairs += [f"TEST.EVAL_PERIOD={eval_period}"] if eval_period is not None else []
+    pairs += _data_pairs(data_root, train_json, train_images, val_json, val_images)
+    settings = make_settings(preset, pairs + list(overrides or []), seeds=seeds, device=device, interval=interval)
+    if output is None:
+        output = Path("output") / f"compare-{Path(settings.preset_file).stem}"
+    report = run_comparison(settings, output, jobs=jobs, resume=resume)
+    render(report)
+    if report["failed"]:
+        raise LgdError(f"{len(report['failed'])} of {2 * seeds} runs failed: "
+                       + "; ".join(f"{f['run']}: {f['error']}" for f in report["failed"]),
+                       hint=f"each run's log is compare.log in its folder; re-run the same command with --resume")
 
 
 def main() -> None:

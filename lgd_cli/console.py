@@ -17,6 +17,10 @@ def print_error(message: str, hint: str | None = None) -> None:
         err_console.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
 
 
+def print_warning(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
     out = Table(title=title, title_justify="left")
     for i, name in enumerate(columns):

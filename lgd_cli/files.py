@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +41,38 @@ def atomic_write_bytes(path: Path, write: Callable) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def repair_json_lines(path: Path, keep: Callable[[dict], bool] = lambda record: True) -> int:
+    """Rewrite a JSON-lines file without its torn or unparsable lines and the records `keep` rejects;
+    returns how many lines were dropped. A missing file is left missing.
+
+    An append-only log such as detectron2's metrics.json can end in half a line after a kill. The
+    file is rewritten in place (what is kept is usually a prefix: only a truncation), so a handle
+    already open for appending keeps appending to it.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return 0
+    kept, dropped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and keep(record):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped or (lines and lines[-1].strip()):  # also when the last line lacks its newline
+        with open(path, "r+b") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    return dropped

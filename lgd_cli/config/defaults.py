@@ -105,6 +105,8 @@ def add_lgd_config(cfg: CN) -> None:
     lgd.DATA.VAL_JSON = ""
     lgd.DATA.VAL_IMAGES = ""
     lgd.DATA.BAD_BOXES = "clip"  # clip | drop | error: what to do with boxes outside the image
+    lgd.DATA.SKIP_BAD_IMAGES = False  # undecodable training images: skip with a warning instead of failing
+    lgd.DATA.ALLOW_OUTSIDE_ROOT = False  # accept image file_names that are absolute or climb out with ".."
     # Small presets state their windows as fractions of SOLVER.MAX_ITER so that `--iters`
     # keeps them in proportion; build_config turns them into the iteration keys above.
     lgd.RELATIVE_SCHEDULE = CN()
@@ -115,6 +117,7 @@ def add_lgd_config(cfg: CN) -> None:
     lgd.RELATIVE_SCHEDULE.STEPS = (0.75, 0.9)  # LR decay points of both optimisers
     lgd.RELATIVE_SCHEDULE.WARMUP = 0.05
     lgd.CHECKPOINT_KEEP = 3  # newest periodic checkpoints kept (final always kept)
+    lgd.SKIP_NONFINITE = 0  # batches with a non-finite loss skipped (no step) before training fails
     # What `lgd presets` shows; the paper's COCO val mAP for the paper rows.
     lgd.META = CN()
     lgd.META.DETECTOR = ""

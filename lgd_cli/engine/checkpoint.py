@@ -15,6 +15,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from lgd_cli import __version__
+from lgd_cli.console import print_warning
 from lgd_cli.errors import CheckpointError
 from lgd_cli.files import atomic_write_bytes
 
@@ -31,7 +32,7 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
             raise CheckpointError(f"{path} holds Python objects that could run code when loaded: refused",
@@ -44,10 +45,13 @@ def read_lgd_checkpoint(path: Path) -> dict:
     """A checkpoint written by `lgd train` (with its embedded config), or a CheckpointError."""
     data = read_checkpoint(path)
     if not isinstance(data, dict) or "model" not in data:
-        raise CheckpointError(f"{path} is not a model checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is not an lgd checkpoint: it has no 'model' entry (a plain state dict, "
+                              "e.g. torchvision's?)",
+                              hint="plain detectron2/torchvision weights go in MODEL.WEIGHTS (--set) of `lgd train`")
     if "lgd" not in data:
-        raise CheckpointError(f"{path} was not written by `lgd train` (no embedded config)",
-                              hint="plain detectron2/torchvision weights go in MODEL.WEIGHTS of a preset instead")
+        raise CheckpointError(f"{path} is not an lgd checkpoint: it has no embedded config (not written by "
+                              "`lgd train`; a detectron2 checkpoint?)",
+                              hint="plain detectron2/torchvision weights go in MODEL.WEIGHTS (--set) of `lgd train`")
     return data
 
 
@@ -133,17 +137,28 @@ class LgdCheckpointer(SafeDetectionCheckpointer):
                            lambda f: f.write(last_filename_basename.encode()))
 
     def resume_path(self) -> str | None:
-        """The newest complete checkpoint to resume from, or None for a fresh start."""
-        if not self.has_checkpoint():
+        """The newest complete checkpoint to resume from, or None for a fresh start.
+
+        Newest by modification time (`last_checkpoint`'s file first on a tie, and also when a kill
+        came between a checkpoint's rename and the pointer's update); an unreadable (truncated)
+        file is skipped with a warning naming it, so the previous complete one is used.
+        """
+        last = self.get_checkpoint_file() if self.has_checkpoint() else None
+        files = [p for p in self.get_all_checkpoint_files() if Path(p).name.startswith("model_") or p == last]
+        if not files:
             return None
-        last = self.get_checkpoint_file()
-        candidates = [last] + sorted((p for p in self.get_all_checkpoint_files() if p != last),
-                                     key=os.path.getmtime, reverse=True)
+        candidates = sorted(files, key=lambda p: (os.path.getmtime(p), p == last), reverse=True)
+        problems = []
         for candidate in candidates:
             try:
                 read_checkpoint(Path(candidate))
-                return candidate
             except CheckpointError as exc:
-                self.logger.warning(f"skipping unreadable checkpoint: {exc.message}")
-        raise CheckpointError(f"no readable checkpoint in {self.save_dir} to resume from",
-                              hint="start afresh with --force")
+                problems.append(exc.message)
+                continue
+            for problem in problems:
+                warning = f"skipping {problem}; resuming from {candidate}"
+                self.logger.warning(warning)
+                print_warning(warning)
+            return candidate
+        raise CheckpointError(f"no readable checkpoint in {self.save_dir} to resume from: {'; '.join(problems)}",
+                              hint="start afresh with --force (deletes these checkpoints)")

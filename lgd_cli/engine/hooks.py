@@ -55,6 +55,22 @@ class LgdScheduleHook(HookBase):
             scheduler.load_state_dict(state_dict[name])
 
 
+class GatherResumeStateHook(HookBase):
+    """With several processes: before each periodic checkpoint, collect every process's RNG states and
+    data position, so the main process's checkpoint continues all their streams (LGDTrainer.state_dict).
+
+    Place it before the PeriodicCheckpointer; `period` is the checkpoint period.
+    """
+
+    def __init__(self, period: int):
+        self.period = period
+
+    def after_step(self):
+        it = self.trainer.iter
+        if comm.get_world_size() > 1 and ((it + 1) % self.period == 0 or it >= self.trainer.max_iter - 1):
+            self.trainer.gather_resume_state()
+
+
 class RichProgressHook(HookBase):
     """A rich progress bar: iteration, elapsed, ETA, total loss and the main terms (main process only)."""
 
@@ -129,6 +145,8 @@ class GracefulStopHook(HookBase):
         if not received:
             return
         name = f"model_{self.trainer.iter:07d}"
+        if comm.get_world_size() > 1:
+            self.trainer.gather_resume_state()
         if comm.is_main_process():
             self.checkpointer.save(name)
         comm.synchronize()

@@ -279,3 +279,38 @@ def test_fuzz_truncated_file(fuzz_root, cut):
     path.write_text(json.dumps(_dataset())[:cut])
     with pytest.raises(DataError, match=f"{path}: not valid JSON at line 1, column"):
         validate_coco(path, fuzz_root / "images")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.text(min_size=1, max_size=12), min_size=2, max_size=2),
+       number=st.sampled_from([-1, 0, -(2**63) - 1, 2**63, 2**31, 10**30, 1.5, -0.0, float("inf"), True]),
+       field=st.sampled_from(["images.0.id", "images.0.width", "annotations.0.image_id", "annotations.0.category_id",
+                              "annotations.0.bbox.2", "annotations.0.area", "categories.0.id"]))
+def test_fuzz_unicode_names_and_extreme_numbers(fuzz_root, names, number, field):
+    """Any non-blank unicode class name round-trips; a blank one, or an out-of-range number, is a DataError."""
+    data = copy.deepcopy(_dataset())
+    data["categories"][0]["name"], data["categories"][1]["name"] = names
+    path = fuzz_root / "names.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    if any(not n.strip() for n in names):
+        with pytest.raises(DataError, match=r"categories\[\d\] \(id \d\)\.name: must be a non-empty string"):
+            validate_coco(path, fuzz_root / "images")
+    else:
+        assert validate_coco(path, fuzz_root / "images").class_names == [names[1], names[0]]  # id order
+    container = data
+    *parts, last = field.split(".")
+    for part in parts:
+        container = container[int(part)] if part.isdigit() else container[part]
+    container[int(last) if last.isdigit() else last] = number
+    data["categories"][0]["name"], data["categories"][1]["name"] = "a", "b"
+    path.write_text(json.dumps(data))
+    try:
+        report = validate_coco(path, fuzz_root / "images", bad_boxes="error")
+    except DataError as e:
+        assert str(path) in e.message and e.hint
+        return
+    # What passes is a finite number, never a bool; ids and sizes are integers in range.
+    assert not isinstance(number, bool) and math.isfinite(number)
+    if field.endswith(("id", "width")):
+        assert isinstance(number, int) and -(2**63) <= number < 2**63
+    assert report.num_images == 2 and all(a["bbox"][2] > 0 for a in report.cleaned["annotations"])

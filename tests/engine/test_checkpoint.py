@@ -65,3 +65,74 @@ def test_checkpoint_of_another_tool_is_named_as_such(tmp_path):
 def test_lgd_checkpoint_loads_with_weights_only(trained_checkpoint):
     state = torch.load(trained_checkpoint, weights_only=True)  # raises if anything but plain data
     assert "MODEL" in state["lgd"]["config"] and state["lgd"]["preset"] == "demo"
+
+
+def _checkpointer(tiny_cfg, folder):
+    from lgd_cli.engine.checkpoint import LgdCheckpointer
+
+    return LgdCheckpointer(torch.nn.Linear(2, 2), str(folder), tiny_cfg)
+
+
+def test_full_disk_names_path_and_cause_and_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    import errno
+
+    checkpointer = _checkpointer(tiny_cfg, tmp_path)
+    checkpointer.save("model_0000002")
+    before = (tmp_path / "model_0000002.pth").read_bytes()
+    save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        f.truncate(100)  # half written when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError) as info:
+        checkpointer.save("model_0000005")
+    assert info.value.message == f"could not write checkpoint {tmp_path / 'model_0000005.pth'}: No space left on device"
+    assert "previous checkpoint is intact" in info.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000002.pth"]  # no temp file
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert (tmp_path / "model_0000002.pth").read_bytes() == before
+    assert checkpointer.last_saved == str(tmp_path / "model_0000002.pth")
+    monkeypatch.undo()
+    assert _checkpointer(tiny_cfg, tmp_path).resume_path() == str(tmp_path / "model_0000002.pth")
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(tiny_cfg, tmp_path, capsys):
+    import os
+
+    checkpointer = _checkpointer(tiny_cfg, tmp_path)
+    checkpointer.save("model_0000002")
+    checkpointer.save("model_0000005")
+    newest = tmp_path / "model_0000005.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    assert checkpointer.resume_path() == str(tmp_path / "model_0000002.pth")
+    err = capsys.readouterr().err.replace("\n", "")
+    assert f"skipping {newest} is not a readable checkpoint" in err and "resuming from" in err
+    (tmp_path / "model_0000002.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        checkpointer.resume_path()
+    message = info.value.message
+    assert message.startswith(f"no readable checkpoint in {tmp_path} to resume from: ")
+    assert f"{newest} is not a readable checkpoint" in message and f"{tmp_path / 'model_0000002.pth'} is not" in message
+    assert "--force" in info.value.hint
+    # A kill between a checkpoint's rename and the pointer's update: the newer file still counts.
+    checkpointer.save("model_0000008")
+    (tmp_path / "last_checkpoint").unlink()
+    os.utime(tmp_path / "model_0000008.pth", (2e9, 2e9))
+    assert checkpointer.resume_path() == str(tmp_path / "model_0000008.pth")
+
+
+def test_rng_and_data_state_load_with_weights_only(tmp_path):
+    import io
+    import random
+
+    from lgd_cli.engine.rng import capture_rng_state, restore_rng_state
+
+    buffer = io.BytesIO()
+    torch.save({"rng": capture_rng_state()}, buffer)
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    buffer.seek(0)
+    restore_rng_state(torch.load(buffer, weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected

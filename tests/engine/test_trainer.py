@@ -88,3 +88,46 @@ def test_non_finite_loss_names_iteration_and_terms(tiny_overrides):
     model.forward = poisoned
     with pytest.raises(NonFiniteLossError, match=r"iteration 0: loss_distill \(distillation\) = nan"):
         trainer.train(0, 2)
+
+
+def _poison_at(model, iterations_calls):
+    """Make the distillation loss NaN on the given forward calls (0-based), counting every call."""
+    forward, calls = model.forward, itertools.count()
+
+    def poisoned(batch):
+        losses = forward(batch)
+        if next(calls) in iterations_calls:
+            losses["loss_distill"] = losses["loss_distill"] * float("nan")
+        return losses
+
+    model.forward = poisoned
+
+
+def test_skip_nonfinite_skips_batches_without_a_step_then_fails(tiny_overrides, capsys):
+    _, model, trainer = make_trainer(tiny_overrides)
+    trainer.skip_nonfinite = 2
+    _poison_at(model, {1, 2, 4})  # iteration 1 needs three batches; iteration 2 hits the third bad one
+    weights = snapshot(model.parameters())
+    steps = []
+    trainer.optimizers["student"].register_step_post_hook(lambda *_: steps.append(trainer.iter))
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train(0, 4)
+    assert steps == [0, 1]  # one step per iteration, none for a skipped batch
+    assert trainer.nonfinite_skipped == 2 and not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    message = info.value.message
+    assert message.startswith("non-finite loss at iteration 2: loss_distill (distillation) = nan")
+    assert "after skipping 2 such batches, the --skip-nonfinite limit" in message and "no checkpoint written yet" in message
+    assert "BASE_LR" in info.value.hint
+    err = capsys.readouterr().err
+    assert "iteration 1: non-finite loss loss_distill (distillation) = nan; batch skipped" in err
+    assert "(2 of --skip-nonfinite 2)" in err
+
+
+def test_skipped_count_survives_a_checkpoint(tiny_overrides):
+    _, model, trainer = make_trainer(tiny_overrides)
+    trainer.skip_nonfinite = 1
+    _poison_at(model, {0})
+    trainer.train(0, 1)
+    _, _, fresh = make_trainer(tiny_overrides)
+    fresh.load_state_dict(trainer.state_dict())
+    assert fresh.nonfinite_skipped == 1
