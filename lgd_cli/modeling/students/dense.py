@@ -16,6 +16,8 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import ImageList, Instances
 
+from lgd_cli.modeling.students.base import StudentSeams
+
 
 @dataclass
 class DenseTargets:
@@ -27,7 +29,7 @@ class DenseTargets:
     normalizer: float | None = None  # the loss-normaliser EMA before this batch
 
 
-class DenseStudent:
+class DenseStudent(StudentSeams):
     """Stateless view over a detectron2 DenseDetector (no parameters of its own).
 
     Args:
@@ -36,7 +38,7 @@ class DenseStudent:
     """
 
     def __init__(self, detector: DenseDetector):
-        self.detector = detector
+        super().__init__(detector)
 
     @property
     def in_features(self) -> list[str]:
@@ -50,21 +52,6 @@ class DenseStudent:
     @property
     def num_classes(self) -> int:
         return self.detector.num_classes
-
-    def strides(self) -> list[int]:
-        shapes = self.detector.backbone.output_shape()
-        return [shapes[f].stride for f in self.in_features]
-
-    def bottom_up_parameters(self):
-        """Parameters of the bottom-up backbone (ResNet/Swin), excluding the FPN."""
-        backbone = self.detector.backbone
-        return list(getattr(backbone, "bottom_up", backbone).parameters())
-
-    def extract(self, batched_inputs: list[dict]) -> tuple[ImageList, list[Tensor]]:
-        """Images (padded batch) and FPN maps [(B, C, H_l, W_l)] in head order."""
-        images = self.detector.preprocess_image(batched_inputs)
-        features = self.detector.backbone(images.tensor)
-        return images, [features[f] for f in self.in_features]
 
     def losses(self, images: ImageList, features: list[Tensor], gt_instances: list[Instances],
                targets: DenseTargets) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks  
 from detectron2.structures.masks import polygons_to_bitmask  # noqa: E402
 
 from lgd_cli.errors import ConfigError  # noqa: E402
+from lgd_cli.modeling.students.base import StudentSeams  # noqa: E402
 
 __all__ = ["RCNNStudent", "RCNNTargets", "label_map_cells", "label_map_crops"]
 
@@ -41,7 +42,7 @@ class RCNNTargets:
     gt_boxes: Any = None
 
 
-class RCNNStudent:
+class RCNNStudent(StudentSeams):
     """Stateless view over a detectron2 GeneralizedRCNN with an RPN (no parameters of its own)."""
 
     def __init__(self, detector: GeneralizedRCNN):
@@ -51,7 +52,7 @@ class RCNNStudent:
         if not hasattr(detector.roi_heads, "box_in_features"):
             raise ConfigError("LGD needs an R-CNN on FPN levels (StandardROIHeads or a subclass), "
                               f"not {type(detector.roi_heads).__name__}")
-        self.detector = detector
+        super().__init__(detector)
 
     @staticmethod
     def new_targets() -> RCNNTargets:
@@ -71,21 +72,6 @@ class RCNNStudent:
     @property
     def num_classes(self) -> int:
         return self.detector.roi_heads.num_classes
-
-    def strides(self) -> list[int]:
-        shapes = self.detector.backbone.output_shape()
-        return [shapes[f].stride for f in self.in_features]
-
-    def bottom_up_parameters(self):
-        """Parameters of the bottom-up backbone (ResNet/Swin), excluding the FPN."""
-        backbone = self.detector.backbone
-        return list(getattr(backbone, "bottom_up", backbone).parameters())
-
-    def extract(self, batched_inputs: list[dict]) -> tuple[ImageList, list[Tensor]]:
-        """Images (padded batch) and FPN maps [(B, C, H_l, W_l)] in `in_features` order."""
-        images = self.detector.preprocess_image(batched_inputs)
-        features = self.detector.backbone(images.tensor)
-        return images, [features[f] for f in self.in_features]
 
     def _rpn(self, images: ImageList, features: dict[str, Tensor], gt_instances, targets: RCNNTargets | None):
         # detectron2's RPN.forward, with the anchor sampling done once per batch (`targets`).

@@ -1,0 +1,36 @@
+"""What every student seam shares: strides, the bottom-up parameters and the FPN maps of a batch."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from detectron2.structures import ImageList
+
+
+class StudentSeams:
+    """Stateless view over a detectron2 detector with an FPN backbone (no parameters of its own).
+
+    Subclasses say which FPN levels the heads read (`in_features`) and how head + loss run on
+    given maps.
+    """
+
+    def __init__(self, detector: nn.Module):
+        self.detector = detector
+
+    @property
+    def in_features(self) -> list[str]:
+        raise NotImplementedError
+
+    def strides(self) -> list[int]:
+        shapes = self.detector.backbone.output_shape()
+        return [shapes[f].stride for f in self.in_features]
+
+    def bottom_up_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the bottom-up backbone (ResNet/Swin), excluding the FPN."""
+        backbone = self.detector.backbone
+        return list(getattr(backbone, "bottom_up", backbone).parameters())
+
+    def extract(self, batched_inputs: list[dict]) -> tuple[ImageList, list[Tensor]]:
+        """Images (padded batch) and FPN maps [(B, C, H_l, W_l)] in `in_features` order."""
+        images = self.detector.preprocess_image(batched_inputs)
+        features = self.detector.backbone(images.tensor)
+        return images, [features[f] for f in self.in_features]
