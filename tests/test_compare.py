@@ -205,7 +205,7 @@ def _fake_results(aps: dict) -> tuple[dict, list]:
 
 
 def test_report_on_fixed_numbers(tmp_path):
-    from lgd_cli.compare.report import build_report, markdown
+    from lgd_cli.compare.report import build_report, markdown, run_columns, run_rows, summary_rows
 
     aps = {(0, "baseline"): 4.3, (0, "lgd"): 4.7, (1, "baseline"): 4.5, (1, "lgd"): 4.6,
            (2, "baseline"): 4.4, (2, "lgd"): 4.9}
@@ -220,10 +220,15 @@ def test_report_on_fixed_numbers(tmp_path):
     assert report["arms"]["baseline"]["bbox"]["AP"]["mean"] == pytest.approx(4.4)
     assert report["arms"]["teacher"]["bbox"]["AP"]["mean"] == 2.5
     assert report["arms"]["lgd"]["bbox"]["APl"] is None and "APl" not in report["difference"]["bbox"]
+    assert "scores below the LGD student" in report["notes"]["weak_teacher"]  # 2.5 < 4.73
     assert report["cost"]["lgd_over_baseline"]["s_per_iter"] == pytest.approx(1.5)
     assert report["cost"]["lgd_over_baseline"]["peak_mb"] == pytest.approx(1.1)
     assert report["runs"][0]["curve"]["bbox"] == {"iterations": [20, 40, 100], "AP": [None, 4.3 / 2, 4.3]}
     json.dumps(report, allow_nan=False)  # compare.json is strict JSON
+    rows = run_rows(report)
+    assert all(len(row) == len(run_columns(report)) for row in rows)
+    assert rows[-1][:2] == ["seed3/lgd", "failed (exit 1): error: boom"]
+    assert not any(row[0] == "bbox APl" for row in summary_rows(report))  # nothing scored it
     text = markdown(report, ["ap.png"], None)
     assert "paired t" in text and "upper bound" in text and "seed3/lgd" in text and "![ap](ap.png)" in text
     assert "4.40 ± 0.10" in text and "+0.33 [-0.18, +0.85]" in text

@@ -13,8 +13,8 @@ from lgd_cli.compare.worker import eval_rows
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ARM_NAMES = {"baseline": "baseline (--no-lgd)", "lgd": "LGD"}
-TEACHER_NOTE = ("the teacher reads the ground-truth boxes at test time: its AP is an upper bound for "
-                "what distillation can pass on, never a result of a deployable model")
+TEACHER_NOTE = ("the teacher reads the ground-truth boxes at test time: its AP is shown as the upper bound "
+                "of what distillation can pass on, never as a result of a deployable model")
 NO_VERDICT = ("no verdict: no seed has both runs finished with a bbox AP (COCO reports a model without "
               "any detection as NaN)")
 TIMING_NOTE = ("s/iter is the median training step time in metrics.json; it is inflated when other processes "
@@ -79,6 +79,11 @@ def build_report(settings: CompareSettings, results: dict[Run, dict], outcomes: 
     cost["lgd_over_baseline"] = {
         k: (cost["lgd"][k]["mean"] / cost["baseline"][k]["mean"]) if cost["lgd"][k] and cost["baseline"][k] else None
         for k in ("s_per_iter", "peak_mb")}
+    notes = {"teacher": TEACHER_NOTE, "timing": TIMING_NOTE}
+    teacher_ap, student_ap = arms["teacher"].get("bbox", {}).get("AP"), arms["lgd"].get("bbox", {}).get("AP")
+    if teacher_ap and student_ap and teacher_ap["mean"] < student_ap["mean"]:
+        notes["weak_teacher"] = (f"the teacher ({teacher_ap['mean']:.2f} AP) scores below the LGD student "
+                                 f"({student_ap['mean']:.2f} AP): on this recipe there is little for it to pass on")
     failed = [{"run": o.run.name, "exit_code": o.exit_code, "error": o.error} for o in outcomes
               if o.run not in results]
     return {
@@ -95,7 +100,7 @@ def build_report(settings: CompareSettings, results: dict[Run, dict], outcomes: 
         "runs": runs,
         "reused": [o.run.name for o in outcomes if o.reused],
         "failed": failed,
-        "notes": {"teacher": TEACHER_NOTE, "timing": TIMING_NOTE},
+        "notes": notes,
     }
 
 
@@ -120,36 +125,41 @@ def _num(value, fmt: str) -> str:
 
 
 def summary_rows(report: dict) -> list[list[str]]:
-    """Per metric: baseline mean ± std, LGD mean ± std, LGD − baseline [95% interval]; then the teacher."""
+    """Per metric: baseline mean ± std, LGD mean ± std, LGD − baseline [95% interval]; then the teacher.
+
+    A metric no run could score (e.g. APl on a set without large objects) is left out.
+    """
     rows = []
     for t in report["tasks"]:
         for m in METRICS:
-            rows.append([f"{t} {m}", _pm(report["arms"]["baseline"][t][m]), _pm(report["arms"]["lgd"][t][m]),
-                         _diff(report["difference"][t].get(m))])
+            base, lgd = report["arms"]["baseline"][t][m], report["arms"]["lgd"][t][m]
+            if base or lgd:
+                rows.append([f"{t} {m}", _pm(base), _pm(lgd), _diff(report["difference"][t].get(m))])
     for t in report["tasks"]:
         rows.append([f"teacher {t} AP (upper bound)", "-", _pm(report["arms"]["teacher"][t]["AP"]), "-"])
     return rows
 
 
-def run_rows(report: dict) -> list[list[str]]:
+def run_columns(report: dict, metrics: tuple[str, ...] = METRICS) -> list[str]:
     t0 = report["tasks"][0] if report["tasks"] else "bbox"
+    return (["run", *metrics] + (["segm AP"] if "segm" in report["tasks"] else [])
+            + [f"teacher {t0} AP", "s/iter", "peak MB"])
+
+
+def run_rows(report: dict, metrics: tuple[str, ...] = METRICS) -> list[list[str]]:
+    """One row per run (student metrics of the first task, teacher AP, cost), then the failed runs."""
+    t0 = report["tasks"][0] if report["tasks"] else "bbox"
+    width = len(run_columns(report, metrics))
     rows = []
     for r in report["runs"]:
         s = r["student"].get(t0, {})
-        rows.append([r["run"], *[_num(s.get(m), ".2f") for m in METRICS],
+        rows.append([r["run"], *[_num(s.get(m), ".2f") for m in metrics],
                      *([_num(r["student"]["segm"]["AP"], ".2f")] if "segm" in r["student"] else []),
-                     _num(r.get("teacher", {}).get(t0, {}).get("AP"), ".2f") if "teacher" in r else "-",
+                     _num(r["teacher"][t0]["AP"], ".2f") if "teacher" in r else "-",
                      _num(r["s_per_iter"], ".3f"), _num(r["peak_mb"], ".0f")])
     for f in report["failed"]:
-        rows.append([f["run"], f"failed (exit {f['exit_code']}): {f['error']}", *[""] * 6,
-                     *([""] if "segm" in report["tasks"] else []), "", "", ""])
+        rows.append([f["run"], f"failed (exit {f['exit_code']}): {f['error']}"] + [""] * (width - 2))
     return rows
-
-
-def run_columns(report: dict) -> list[str]:
-    t0 = report["tasks"][0] if report["tasks"] else "bbox"
-    return (["run", *[f"{m}" for m in METRICS]] + (["segm AP"] if "segm" in report["tasks"] else [])
-            + [f"teacher {t0} AP", "s/iter", "peak MB"])
 
 
 def cost_rows(report: dict) -> list[list[str]]:
@@ -188,7 +198,8 @@ def markdown(report: dict, plots: list[str], plots_skipped: str | None) -> str:
                   + " failed (see compare.log in their folders); re-run with `--resume`.", ""]
     parts += ["## Per arm (mean ± std over seeds)", "",
               md_table(["metric", ARM_NAMES["baseline"], ARM_NAMES["lgd"], "LGD − baseline [95% interval]"],
-                       summary_rows(report)), "", f"Teacher: {TEACHER_NOTE}.", ""]
+                       summary_rows(report)), "",
+              *[f"Note: {text}." for key, text in report["notes"].items() if key != "timing"], ""]
     parts += ["## Training cost", "", md_table(["", ARM_NAMES["baseline"], ARM_NAMES["lgd"], "LGD / baseline"],
                                                cost_rows(report)), "", TIMING_NOTE + ".", ""]
     parts += ["## Per run", "", md_table(run_columns(report), run_rows(report)), ""]
@@ -208,10 +219,12 @@ def render(report: dict) -> None:
                                          "LGD − baseline [95%]"], summary_rows(report)))
     console.print(table("training cost", ["", ARM_NAMES["baseline"], ARM_NAMES["lgd"], "LGD / baseline"],
                         cost_rows(report)))
-    console.print(table("runs", run_columns(report), run_rows(report)))
+    # The terminal gets the headline metrics per run; compare.md has them all.
+    short = ("AP", "AP50", "AP75")
+    console.print(table("runs", run_columns(report, short), run_rows(report, short)))
     console.print(_interval_line(report), highlight=False, soft_wrap=True)
-    console.print(f"note: {TEACHER_NOTE}", highlight=False, soft_wrap=True)
-    console.print(f"note: {TIMING_NOTE}", highlight=False, soft_wrap=True)
+    for text in report["notes"].values():
+        console.print(f"note: {text}", highlight=False, soft_wrap=True)
     console.print(f"[bold]verdict:[/] {report['verdict'] or NO_VERDICT}", highlight=False,
                   soft_wrap=True)
     if report.get("plots_skipped"):
