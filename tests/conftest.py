@@ -105,9 +105,12 @@ def lgd_cli_run():
 
 # `--set` pairs (on top of tiny_overrides) turning the tiny RetinaNet into a tiny FCOS, Faster or Mask R-CNN:
 # the R-CNN heads shrunk to match 64-px images and 32 channels.
+# The SGD recipe of fcos-demo and faster-rcnn-demo (demo itself trains with AdamW).
+_SGD_SET = [f"MODEL.DISTILLATOR.{who}.SOLVER.{key}={value}" for who in ("STUDENT", "TEACHER")
+            for key, value in (("OPTIMIZER", "SGD"), ("BASE_LR", 0.01), ("WEIGHT_DECAY", 0.0001))]
 _FCOS_SET = ["MODEL.META_ARCHITECTURE=FCOS",
-            # p7 of a 64-px image is 1x1: GroupNorm(32) over 32 channels would see one value per group.
-            "MODEL.FCOS.NORM="]
+             # p7 of a 64-px image is 1x1: GroupNorm(32) over 32 channels would see one value per group.
+             "MODEL.FCOS.NORM=", *_SGD_SET]
 _RCNN_SET = [
     "MODEL.META_ARCHITECTURE=GeneralizedRCNN", "MODEL.BACKBONE.NAME=build_resnet_fpn_backbone",
     "MODEL.RESNETS.OUT_FEATURES=['res2','res3','res4','res5']", "MODEL.FPN.IN_FEATURES=['res2','res3','res4','res5']",
@@ -121,6 +124,7 @@ _RCNN_SET = [
     "MODEL.ROI_MASK_HEAD.CONV_DIM=32", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION=14",
     # The reference's R-CNN rows.
     "MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX=False", "MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=True",
+    *_SGD_SET,
 ]
 STUDENT_OVERRIDES = {
     "fcos": _FCOS_SET,
