@@ -26,7 +26,7 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.transforms import ResizeShortestEdge  # noqa: E402
 from detectron2.modeling import build_backbone  # noqa: E402
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator, build_anchor_generator  # noqa: E402
-from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
+from detectron2.structures import BoxMode, Boxes, pairwise_iou  # noqa: E402
 
 from lgd_cli.config.build import build_config  # noqa: E402
 from lgd_cli.engine.train import register_datasets  # noqa: E402
@@ -52,8 +52,8 @@ def coverage(cfg, scales: list[float]) -> list[tuple[str, float, float, float]]:
             continue
         h, w = ResizeShortestEdge.get_output_shape(record["height"], record["width"], size, cfg.INPUT.MAX_SIZE_TRAIN)
         factor = h / record["height"]
-        boxes = Boxes(torch.tensor([a["bbox"] for a in record["annotations"]], dtype=torch.float32))
-        boxes.tensor[:, 2:] += boxes.tensor[:, :2]  # XYWH -> XYXY (COCO json)
+        boxes = Boxes(torch.stack([torch.as_tensor(BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS),
+                                                   dtype=torch.float32) for a in record["annotations"]]))
         boxes.scale(factor, factor)
         grids = [torch.zeros(1, 1, math.ceil(h / spec.stride), math.ceil(w / spec.stride)) for spec in specs]
         for name, generator in generators:
