@@ -22,7 +22,7 @@ MARKER = "COMPLETE.json"  # written last, inside the temp folder, so its presenc
 EMPTY_EVERY = 20  # every 20th image (5%) has no objects: the edge case detectors must handle
 SIZE_RANGE = (12 / 128, 72 / 128)  # shape diameter / image side, log-uniform: 12-72 px at 128 px
 MIN_VISIBLE = 0.3  # a placement that hides more than 70% of an earlier shape is retried
-# Enough for a detector trained from scratch for ~5 CPU minutes to reach a clearly non-zero AP.
+# Enough for a detector trained from scratch for ~10 CPU minutes to reach a clearly non-zero AP.
 DEFAULT_SIZES = {"num_train": 1000, "num_val": 200, "image_size": 128, "seed": 0}
 
 
