@@ -310,6 +310,14 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except OSError as exc:
+        # A file that cannot be read or written (a full disk, permissions) where no caller said
+        # more: name it and the cause instead of a traceback.
+        if os.environ.get("LGD_DEBUG") == "1":
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print_error(f"{where}{exc.strerror or exc}", "LGD_DEBUG=1 shows where it happened")
+        sys.exit(1)
     except Exception as exc:
         # click's usage errors (typer vendors click, so match by interface, not class)
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):

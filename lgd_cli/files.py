@@ -43,6 +43,21 @@ def atomic_write_bytes(path: Path, write: Callable) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """`torch.save` through `atomic_write_bytes`. A failed write raises an OSError naming `path`:
+    torch's zip writer reports one (e.g. a full disk) as a RuntimeError raised while it closes the
+    archive, with the OSError, which names no file, only as that error's context."""
+    import torch
+
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    except RuntimeError as exc:
+        cause = exc.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+
+
 def repair_json_lines(path: Path, keep: Callable[[dict], bool] = lambda record: True) -> int:
     """Rewrite a JSON-lines file without its torn or unparsable lines and the records `keep` rejects;
     returns how many lines were dropped. A missing file is left missing.

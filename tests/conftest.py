@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset and the overrides of a tiny, fast LGD config."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -82,6 +83,22 @@ def widen_head(path) -> None:
         weight += std * torch.randn(weight.shape, generator=generator)
     state["model"]["student.head.cls_score.bias"] += 2.0
     torch.save(state, path)
+
+
+class FillsUp:
+    """Wraps a file: it takes `room` more bytes, then fails the way a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 def run_cli(*args) -> int:

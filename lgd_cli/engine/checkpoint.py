@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from lgd_cli import __version__
 from lgd_cli.console import print_warning
 from lgd_cli.errors import CheckpointError
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_torch_save, atomic_write_bytes
 
 
 def lgd_metadata(cfg) -> dict:
@@ -124,7 +124,7 @@ class LgdCheckpointer(SafeDetectionCheckpointer):
         data.update(kwargs)
         target = Path(self.save_dir) / f"{name}.pth"
         try:
-            atomic_write_bytes(target, lambda f: torch.save(data, f))
+            atomic_torch_save(data, target)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {target}: {exc.strerror or exc}",
                                   hint="the previous checkpoint is intact; free disk space and --resume") from None

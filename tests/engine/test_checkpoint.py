@@ -1,4 +1,5 @@
 """Checkpoints and weights: atomic writes, safe loading, refusal of files that would run code."""
+import errno
 import pickle
 
 import numpy as np
@@ -7,6 +8,8 @@ import torch
 
 from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, check_pickle_weights, read_lgd_checkpoint
 from lgd_cli.errors import CheckpointError
+
+from conftest import FillsUp  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
 class _CreatesFile:
@@ -73,15 +76,17 @@ def _checkpointer(tiny_cfg, folder):
     return LgdCheckpointer(torch.nn.Linear(2, 2), str(folder), tiny_cfg)
 
 
-def test_full_disk_names_path_and_cause_and_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    import errno
-
+@pytest.mark.parametrize("failure", ["oserror", "torch_zip_writer"])
+def test_full_disk_names_path_and_cause_and_keeps_the_previous_checkpoint(tiny_cfg, tmp_path, monkeypatch, failure):
     checkpointer = _checkpointer(tiny_cfg, tmp_path)
     checkpointer.save("model_0000002")
     before = (tmp_path / "model_0000002.pth").read_bytes()
     save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
+        if failure == "torch_zip_writer":
+            # The real path: torch's writer meets ENOSPC mid-file and raises a RuntimeError on close.
+            return save(obj, FillsUp(f, room=4096), *args, **kwargs)
         save(obj, f, *args, **kwargs)
         f.truncate(100)  # half written when the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")

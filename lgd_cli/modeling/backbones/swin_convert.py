@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lgd_cli.engine.checkpoint import read_checkpoint
 from lgd_cli.errors import CheckpointError, ConfigError
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_torch_save
 
 PREFIX = "backbone.bottom_up."  # where the trunk sits in a detectron2 detector (FPN.bottom_up)
 AUTHOR = "lgd convert-swin-weights"
@@ -208,7 +208,7 @@ def convert_swin_weights(source: Path, target: Path | None = None, *, force: boo
            "swin": {"layout": layout, **{k: arch[k] for k in ("embed_dim", "depths", "num_heads", "window_size")}}}
     if not target.parent.is_dir():
         raise CheckpointError(f"cannot write {target}: folder {target.parent} does not exist")
-    atomic_write_bytes(target, lambda f: torch.save(out, f))
+    atomic_torch_save(out, target)
     return ConversionReport(source, target, layout, arch, len(kept), dropped)
 
 
