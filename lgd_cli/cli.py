@@ -289,7 +289,7 @@ def compare(
     if report["failed"]:
         raise LgdError(f"{len(report['failed'])} of {2 * seeds} runs failed: "
                        + "; ".join(f"{f['run']}: {f['error']}" for f in report["failed"]),
-                       hint=f"each run's log is compare.log in its folder; re-run the same command with --resume")
+                       hint="each run's log is compare.log in its folder; re-run the same command with --resume")
 
 
 def main() -> None:
