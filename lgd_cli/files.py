@@ -43,19 +43,33 @@ def atomic_write_bytes(path: Path, write: Callable) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """`torch.save` through `atomic_write_bytes`. A failed write raises an OSError naming `path`:
-    torch's zip writer reports one (e.g. a full disk) as a RuntimeError raised while it closes the
-    archive, with the OSError, which names no file, only as that error's context."""
-    import torch
+@contextlib.contextmanager
+def failed_writes_name(path: Path) -> Iterator[None]:
+    """Re-raise a write that fails inside the block as an OSError naming `path`.
 
+    torch's zip writer (torch.save, torch.jit.save into a file object) reports a failed write, e.g.
+    a full disk, as a RuntimeError raised while it closes the archive, with the OSError, which names
+    no file, only as that error's context.
+    """
     try:
-        atomic_write_bytes(path, lambda f: torch.save(obj, f))
+        yield
     except RuntimeError as exc:
         cause = exc.__context__
         if not isinstance(cause, OSError):
             raise
         raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """`torch.save` through `atomic_write_bytes`; a failed write raises an OSError naming `path`."""
+    import torch
+
+    with failed_writes_name(path):
+        atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
 def repair_json_lines(path: Path, keep: Callable[[dict], bool] = lambda record: True) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lgd_cli.errors import ConfigError, LgdError
-from lgd_cli.files import staged_path
+from lgd_cli.files import failed_writes_name, staged_path
 
 if TYPE_CHECKING:
     from lgd_cli.export.verify import Comparison
@@ -65,7 +65,8 @@ def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path |
 
     with staged_path(output) as staged:
         write = trace.export_torchscript if fmt == "torchscript" else trace.export_onnx
-        write(student, inputs[0], staged)
+        with failed_writes_name(output):  # a full disk names the file the user asked for
+            write(student, inputs[0], staged)
         run = verify.load_exported(staged, fmt)
         comparison, skipped = None, None
         if run is None:

@@ -128,8 +128,11 @@ def export_torchscript(student: nn.Module, image: Tensor, path: Path) -> None:
         # what tells whether the file is right.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(_adapter(student, image), (image,), check_trace=False)
-        torch.jit.save(traced, str(path))
-    _fsync(path)
+    # Through a Python file, so that a failed write is an OSError (the caller names the file).
+    with open(path, "wb") as f:
+        torch.jit.save(traced, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_onnx(student: nn.Module, image: Tensor, path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from lgd_cli.export import export_checkpoint, trace
 
-from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
+from conftest import FillsUp, run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
 @pytest.fixture
@@ -83,6 +83,16 @@ def test_cli_export_bad_input(args, message, code, capsys):
     assert run_cli(*args) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_export_on_a_full_disk_names_the_output_and_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatch):
+    save = torch.jit.save
+    monkeypatch.setattr(torch.jit, "save", lambda module, f, *a, **k: save(module, FillsUp(f, room=4096), *a, **k))
+    output = tmp_path / "out" / "model.ts"
+    assert run_cli("export", str(checkpoint), "-o", str(output)) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{output}: No space left on device" in err and "Traceback" not in err
+    assert list(output.parent.iterdir()) == []
 
 
 def test_cli_export_hands_the_engine_its_arguments(monkeypatch, tmp_path):
