@@ -85,6 +85,13 @@ def widen_head(path) -> None:
     torch.save(state, path)
 
 
+def fill_disk_after(monkeypatch, owner, name: str = "save", room: int = 4096) -> None:
+    """Make the writer `owner.name(obj, f, ...)` (torch.save, torch.jit.save) meet a full disk
+    after `room` bytes, through its own code: torch's zip writer then fails on closing the archive."""
+    save = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda obj, f, *a, **k: save(obj, FillsUp(f, room), *a, **k))
+
+
 class FillsUp:
     """Wraps a file: it takes `room` more bytes, then fails the way a full disk does."""
 

@@ -131,8 +131,7 @@ def export_torchscript(student: nn.Module, image: Tensor, path: Path) -> None:
     # Through a Python file, so that a failed write is an OSError (the caller names the file).
     with open(path, "wb") as f:
         torch.jit.save(traced, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _fsync(path)
 
 
 def export_onnx(student: nn.Module, image: Tensor, path: Path) -> None:

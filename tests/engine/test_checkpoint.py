@@ -9,7 +9,7 @@ import torch
 from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, check_pickle_weights, read_lgd_checkpoint
 from lgd_cli.errors import CheckpointError
 
-from conftest import FillsUp  # noqa: E402  (tests/ is on sys.path via its conftest)
+from conftest import fill_disk_after  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
 class _CreatesFile:
@@ -84,14 +84,14 @@ def test_full_disk_names_path_and_cause_and_keeps_the_previous_checkpoint(tiny_c
     save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
-        if failure == "torch_zip_writer":
-            # The real path: torch's writer meets ENOSPC mid-file and raises a RuntimeError on close.
-            return save(obj, FillsUp(f, room=4096), *args, **kwargs)
         save(obj, f, *args, **kwargs)
         f.truncate(100)  # half written when the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    if failure == "torch_zip_writer":  # the real path: torch's writer meets ENOSPC mid-file
+        fill_disk_after(monkeypatch, torch)
+    else:
+        monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(CheckpointError) as info:
         checkpointer.save("model_0000005")
     assert info.value.message == f"could not write checkpoint {tmp_path / 'model_0000005.pth'}: No space left on device"

@@ -7,7 +7,7 @@ import torch
 
 from lgd_cli.export import export_checkpoint, trace
 
-from conftest import FillsUp, run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
+from conftest import fill_disk_after, run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
 @pytest.fixture
@@ -86,8 +86,7 @@ def test_cli_export_bad_input(args, message, code, capsys):
 
 
 def test_cli_export_on_a_full_disk_names_the_output_and_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatch):
-    save = torch.jit.save
-    monkeypatch.setattr(torch.jit, "save", lambda module, f, *a, **k: save(module, FillsUp(f, room=4096), *a, **k))
+    fill_disk_after(monkeypatch, torch.jit)
     output = tmp_path / "out" / "model.ts"
     assert run_cli("export", str(checkpoint), "-o", str(output)) == 1
     err = " ".join(capsys.readouterr().err.split())

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FillsUp, run_cli  # tests/ is on sys.path via its conftest
+from conftest import fill_disk_after, run_cli  # tests/ is on sys.path via its conftest
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
 from lgd_cli.config.build import build_config
@@ -212,9 +212,7 @@ def test_cli_round_trip(source_model, tmp_path, capsys):
 def test_full_disk_is_a_message_naming_the_output_and_leaves_nothing(source_model, tmp_path, capsys, monkeypatch):
     src, target = tmp_path / "swin.pth", tmp_path / "out.pth"
     torch.save({"model": official_state(source_model)}, src)
-    save = torch.save
-    # torch's own writer meets the full disk mid-file (it then fails on closing the archive).
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: save(obj, FillsUp(f, room=4096), *a, **k))
+    fill_disk_after(monkeypatch, torch)
     assert run_cli("convert-swin-weights", str(src), str(target)) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert f"{target}: No space left on device" in err and "Traceback" not in err
