@@ -145,6 +145,8 @@ def _check(cfg: CfgNode) -> None:
     if d.TEACHER.INTERACT_PATTERN not in ("stuGuided", "labelGuided", "student_fill", "teacher_fill"):
         raise ConfigError(f"unknown MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN '{d.TEACHER.INTERACT_PATTERN}'",
                           hint="one of stuGuided, labelGuided, student_fill, teacher_fill")
+    if d.DISTILL_GATE not in ("always", "teacher_better"):
+        raise ConfigError(f"unknown MODEL.DISTILLATOR.DISTILL_GATE '{d.DISTILL_GATE}'", hint="one of always, teacher_better")
     if cfg.LGD.SKIP_NONFINITE < 0:
         raise ConfigError(f"LGD.SKIP_NONFINITE (--skip-nonfinite) must be 0 or more, got {cfg.LGD.SKIP_NONFINITE}")
     if cfg.LGD.DATA.BAD_BOXES not in ("clip", "drop", "error"):

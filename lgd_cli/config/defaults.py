@@ -78,6 +78,9 @@ def add_lgd_config(cfg: CN) -> None:
     # Bottom-up backbone (ResNet/Swin, not FPN) receives no update before this iteration.
     d.PRE_FREEZE_STUDENT_BACKBONE_ITERS = 10000  # code default; every paper row sets 20000
     d.EVAL_TEACHER = True  # also evaluate the teacher (needs ground truth: an upper bound only)
+    # lgd's variant (not in the reference): "teacher_better" counts a batch's loss_distill only
+    # when the teacher's detection loss on it is below the student's. "always" is the method.
+    d.DISTILL_GATE = "always"
 
     d.LABEL_ENCODER = CN()
     d.LABEL_ENCODER.BOX_FORMAT = "x1y1x2y2"  # the only format the reference implements
@@ -89,6 +92,9 @@ def add_lgd_config(cfg: CN) -> None:
     d.TEACHER.DETACH_APPEARANCE_EMBED = False  # stop teacher gradients into student features
     d.TEACHER.INTERACT_PATTERN = "stuGuided"  # stuGuided | labelGuided | student_fill | teacher_fill
     d.TEACHER.NR_TRANSFORMER_HEADS = 8
+    # lgd's variant (not in the reference): False keeps the teacher's `.tea` losses off the
+    # detection head it shares with the student, which then learns from student maps only.
+    d.TEACHER.HEAD_GRADIENT = True
     d.TEACHER.SOLVER = _solver_block(0.01)
 
     d.STUDENT = CN()

@@ -5,6 +5,10 @@ student alone, so exported models and their cost are those of the plain detector
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import torch
 from torch import Tensor, nn
 
 from lgd_cli.compat import detectron2 as _compat
@@ -35,6 +39,23 @@ def student_seams(student: nn.Module) -> DenseStudent | RCNNStudent:
                       "or GeneralizedRCNN (Faster / Mask R-CNN)")
 
 
+DISTILL_GATES = ("always", "teacher_better")
+
+
+@contextlib.contextmanager
+def parameters_as_constants(modules: list[nn.Module]) -> Iterator[None]:
+    """Within the block, `modules` compute as usual and pass gradients to their inputs, but
+    their own parameters collect none (autograd records them as constants)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @META_ARCH_REGISTRY.register()
 class LGDDistiller(nn.Module):
     """Student detector + implicit teacher + distillation adapter.
@@ -46,6 +67,10 @@ class LGDDistiller(nn.Module):
         add_context_box: pack one whole-image context slot per image for the teacher.
         label_maps: the teacher reads instance masks (LOAD_LABELMAP, Mask R-CNN): 7×7 crops in
             the label descriptor, mask-shaped pooling and rendering regions.
+        teacher_trains_head: the teacher's detection losses also train the head it shares with
+            the student (the method as published). False: they train the teacher modules only.
+        distill_gate: "always" (published), or "teacher_better": a batch's distillation loss
+            counts only when the teacher's detection loss on it is below the student's.
 
     Attributes set by the training hooks (plain Python state, identical on every process):
         distill_active: student features receive the distillation gradient.
@@ -55,13 +80,17 @@ class LGDDistiller(nn.Module):
     @configurable
     def __init__(self, *, student: nn.Module, teacher: ImplicitTeacher | None = None,
                  distill_loss: DistillationLoss | None = None, add_context_box: bool = True,
-                 label_maps: bool = False):
+                 label_maps: bool = False, teacher_trains_head: bool = True, distill_gate: str = "always"):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.distill_loss = distill_loss
         self.add_context_box = add_context_box
         self.label_maps = label_maps
+        self.teacher_trains_head = teacher_trains_head
+        if distill_gate not in DISTILL_GATES:
+            raise ConfigError(f"unknown distillation gate '{distill_gate}'", hint=f"one of {', '.join(DISTILL_GATES)}")
+        self.distill_gate = distill_gate
         self.seams = student_seams(student)
         self.strides = self.seams.strides()  # per FPN level, fixed by the backbone
         self.distill_active = True
@@ -93,6 +122,8 @@ class LGDDistiller(nn.Module):
             "distill_loss": DistillationLoss(channels, loss_weight=d.LAMBDA).to(student.device),
             "add_context_box": d.TEACHER.ADD_CONTEXT_BOX,
             "label_maps": d.LABEL_ENCODER.LOAD_LABELMAP,
+            "teacher_trains_head": d.TEACHER.HEAD_GRADIENT,
+            "distill_gate": d.DISTILL_GATE,
         }
 
     @property
@@ -138,10 +169,19 @@ class LGDDistiller(nn.Module):
         weight = has_objects.to(features[0].dtype)
         # The heads log statistics (positive anchors, ROI samples): the teacher pass's go
         # under "teacher/" instead of overwriting the student's.
-        with get_event_storage().name_scope("teacher"):
+        head = contextlib.nullcontext() if self.teacher_trains_head else parameters_as_constants(
+            self.seams.head_modules())
+        with get_event_storage().name_scope("teacher"), head:
             teacher_losses = self.seams.losses(images, teacher_maps, gt_instances, targets)
+        distill_weight = weight
+        if self.distill_gate == "teacher_better":
+            # A teacher that detects worse than the student on this batch has nothing to pass on.
+            # Compared on the device (no host sync); logged as distill_gate.
+            better = sum(teacher_losses.values()).detach() < sum(losses.values()).detach()
+            distill_weight = weight * better.to(weight.dtype)
+            get_event_storage().put_scalar("distill_gate", distill_weight)
         losses.update({f"{k}.tea": v * weight for k, v in teacher_losses.items()})
-        losses["loss_distill"] = weight * self.distill_loss(
+        losses["loss_distill"] = distill_weight * self.distill_loss(
             features, teacher_maps, detach_student=not self.distill_active)
         return losses
 

@@ -29,6 +29,10 @@ class StudentSeams:
         backbone = self.detector.backbone
         return list(getattr(backbone, "bottom_up", backbone).parameters())
 
+    def head_modules(self) -> list[nn.Module]:
+        """The modules the teacher pass shares with the student: everything after the FPN."""
+        raise NotImplementedError
+
     def extract(self, batched_inputs: list[dict]) -> tuple[ImageList, list[Tensor]]:
         """Images (padded batch) and FPN maps [(B, C, H_l, W_l)] in `in_features` order."""
         images = self.detector.preprocess_image(batched_inputs)

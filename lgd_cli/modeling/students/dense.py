@@ -44,6 +44,9 @@ class DenseStudent(StudentSeams):
     def in_features(self) -> list[str]:
         return list(self.detector.head_in_features)
 
+    def head_modules(self) -> list:
+        return [self.detector.head]
+
     @staticmethod
     def new_targets() -> DenseTargets:
         """An empty container for one batch's targets, filled by the first `losses` call."""

@@ -54,6 +54,9 @@ class RCNNStudent(StudentSeams):
                               f"not {type(detector.roi_heads).__name__}")
         super().__init__(detector)
 
+    def head_modules(self) -> list:
+        return [self.detector.proposal_generator, self.detector.roi_heads]
+
     @staticmethod
     def new_targets() -> RCNNTargets:
         """An empty container for one batch's RPN targets, filled by the first `losses` call."""
