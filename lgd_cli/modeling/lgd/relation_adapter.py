@@ -1,4 +1,4 @@
-"""Inter-object relation adapter: attention among the objects of one image (LGD-METHOD.md §4).
+"""Inter-object relation adapter: attention among the objects of one image (docs/method.md §4).
 
 Images are the batch dimension of the attention, so no object can attend across images.
 """
