@@ -208,10 +208,26 @@ def build_config(preset: str = "demo", overrides: Sequence[str] = (), *, device:
     return cfg
 
 
+# What lgd computed before the _OPTION_VALUES keys existed: a checkpoint whose config lacks one
+# was trained with this rule, so its teacher is rebuilt with it.
+_RULES_BEFORE_OPTION_KEYS = {
+    "LABEL_ENCODER.BOX_CLAMP": "image",
+    "LABEL_ENCODER.EMPTY_IMAGE": "context",
+    "TEACHER.CELL_MAPPING": "stride",
+    "TEACHER.LOSS_NORMALIZER": "per_step",
+}
+
+
 def config_from_checkpoint_yaml(text: str, overrides: Sequence[str] = (), *, device: str | None = None) -> CfgNode:
     """Rebuild the frozen config embedded in a checkpoint, then apply `--set` overrides."""
     cfg = base_config()
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
+    saved = CfgNode.load_cfg(text)
+    cfg.merge_from_other_cfg(saved)
+    saved_d = saved.get("MODEL", CfgNode()).get("DISTILLATOR", CfgNode())
+    for key, value in _RULES_BEFORE_OPTION_KEYS.items():
+        block, name = key.split(".")
+        if name not in saved_d.get(block, CfgNode()):
+            cfg.MODEL.DISTILLATOR[block][name] = value
     _merge_list(cfg, parse_overrides(cfg, overrides))
     _resolve_device(cfg, device)
     cfg.freeze()
