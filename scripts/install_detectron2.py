@@ -1,4 +1,4 @@
-"""Install detectron2 into the running Python environment, the way ../shared/DETECTRON2.md prescribes.
+"""Install detectron2 into the running Python environment, as docs/detectron2.md describes.
 
 1. An importable `detectron2` (e.g. a user's own source build with CUDA ops) is kept as it is.
 2. Otherwise the pinned PyPI snapshot `pb1-detectron2==0.6` (upstream v0.6 without csrc) is
@@ -89,7 +89,7 @@ def main() -> int:
         if actual != SNAPSHOT_SHA256:
             print(f"error: {archive.name} has sha256 {actual}\n"
                   f"       expected {SNAPSHOT_SHA256} (the audited {SNAPSHOT} snapshot).\n"
-                  "       Refusing to install it; see ../shared/DETECTRON2.md.", file=sys.stderr)
+                  "       Refusing to install it; see docs/detectron2.md.", file=sys.stderr)
             return 1
         with tarfile.open(archive) as tar:
             tar.extractall(tmp / "src", filter="data")

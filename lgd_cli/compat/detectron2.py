@@ -1,7 +1,7 @@
 """detectron2 0.6 on today's torch / numpy / Pillow: each shim runs only where it is needed.
 
 `apply()` must run before the first `import detectron2...`; every lgd module that imports
-detectron2 calls it first. The numbers refer to the items of ../shared/DETECTRON2.md.
+detectron2 calls it first. The numbers refer to the items of docs/detectron2.md.
 A user's own detectron2 build (with compiled ops, or a newer version) is left untouched
 wherever it does not need a shim.
 """
@@ -104,7 +104,7 @@ def _fix_head_norm_probe() -> None:
 
 
 def _clip_only_parameters_with_gradients() -> None:
-    # detectron2's gradient clipper calls clip_grad_value_/clip_grad_norm_ on every parameter;
+    # Item 13: detectron2's gradient clipper calls clip_grad_value_/clip_grad_norm_ on every parameter;
     # torch >= 2.x raises on a parameter whose .grad is None (older torch skipped it), which
     # happens for frozen or unused parameters. Skip those, as the old behaviour did.
     import torch
@@ -166,7 +166,7 @@ def apply() -> list[str]:
 
     if deform_conv.install():
         _applied.append("DeformConv/ModulatedDeformConv on torchvision.ops.deform_conv2d")
-    # Pillow clips 16-bit images to 255 in detectron2's read_image: lgd's scales them.
+    # Item 14: Pillow clips 16-bit images to 255 in detectron2's read_image: lgd's scales them.
     from lgd_cli.data import images
 
     images.install()

@@ -15,10 +15,12 @@ from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from lgd_cli.config.defaults import add_lgd_config  # noqa: E402
 from lgd_cli.config.presets import resolve_preset  # noqa: E402
 from lgd_cli.errors import ConfigError  # noqa: E402
+from lgd_cli.modeling.lgd import BOX_CLAMPS, CELL_MAPPINGS, EMPTY_IMAGE_RULES  # noqa: E402
+from lgd_cli.modeling.students.dense import LOSS_NORMALIZER_RULES  # noqa: E402
 
 TRAIN_DATASET = "lgd_train"
 VAL_DATASET = "lgd_val"
-# Top-level SOLVER keys that the two-optimiser recipe ignores (LGD-METHOD.md §7): setting
+# Top-level SOLVER keys that the two-optimiser recipe ignores (docs/method.md §7): setting
 # one is almost certainly meant for the student or teacher block.
 _IGNORED_SOLVER_KEYS = {"BASE_LR", "STEPS", "GAMMA", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY",
                         "WARMUP_FACTOR", "WARMUP_ITERS", "WARMUP_METHOD", "LR_SCHEDULER_NAME"}
@@ -132,6 +134,15 @@ def _resolve_device(cfg: CfgNode, device: str | None) -> None:
         cfg.MODEL.DEVICE = device
 
 
+# lgd's choices where it departs from the official code: the first value is the official rule.
+_OPTION_VALUES = {
+    "LABEL_ENCODER.BOX_CLAMP": BOX_CLAMPS,
+    "LABEL_ENCODER.EMPTY_IMAGE": EMPTY_IMAGE_RULES,
+    "TEACHER.CELL_MAPPING": CELL_MAPPINGS,
+    "TEACHER.LOSS_NORMALIZER": LOSS_NORMALIZER_RULES,
+}
+
+
 def _check(cfg: CfgNode) -> None:
     if cfg.SOLVER.MAX_ITER <= 0:
         raise ConfigError(f"SOLVER.MAX_ITER (--iters) must be positive, got {cfg.SOLVER.MAX_ITER}")
@@ -153,6 +164,12 @@ def _check(cfg: CfgNode) -> None:
         raise ConfigError(f"--bad-boxes (LGD.DATA.BAD_BOXES) must be clip, drop or error, not '{cfg.LGD.DATA.BAD_BOXES}'")
     if d.LABEL_ENCODER.CATEGORY_FORMAT not in ("one_hot", "norm_classes"):
         raise ConfigError("MODEL.DISTILLATOR.LABEL_ENCODER.CATEGORY_FORMAT must be one_hot or norm_classes")
+    for key, allowed in _OPTION_VALUES.items():
+        block, name = key.rsplit(".", 1)
+        value = d[block][name]
+        if value not in allowed:
+            raise ConfigError(f"MODEL.DISTILLATOR.{key} must be {' or '.join(allowed)}, not '{value}'",
+                              hint="see docs/method.md, 'Differences from the official code'")
     channels = cfg.MODEL.FPN.OUT_CHANNELS
     if d.ENABLED and channels % d.TEACHER.NR_TRANSFORMER_HEADS:
         raise ConfigError(f"MODEL.FPN.OUT_CHANNELS ({channels}) must be divisible by "
@@ -193,10 +210,26 @@ def build_config(preset: str = "demo", overrides: Sequence[str] = (), *, device:
     return cfg
 
 
+# What lgd computed before the _OPTION_VALUES keys existed: a checkpoint whose config lacks one
+# was trained with this rule, so its teacher is rebuilt with it.
+_RULES_BEFORE_OPTION_KEYS = {
+    "LABEL_ENCODER.BOX_CLAMP": "image",
+    "LABEL_ENCODER.EMPTY_IMAGE": "context",
+    "TEACHER.CELL_MAPPING": "stride",
+    "TEACHER.LOSS_NORMALIZER": "per_step",
+}
+
+
 def config_from_checkpoint_yaml(text: str, overrides: Sequence[str] = (), *, device: str | None = None) -> CfgNode:
     """Rebuild the frozen config embedded in a checkpoint, then apply `--set` overrides."""
     cfg = base_config()
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
+    saved = CfgNode.load_cfg(text)
+    cfg.merge_from_other_cfg(saved)
+    saved_d = saved.get("MODEL", CfgNode()).get("DISTILLATOR", CfgNode())
+    for key, value in _RULES_BEFORE_OPTION_KEYS.items():
+        block, name = key.split(".")
+        if name not in saved_d.get(block, CfgNode()):
+            cfg.MODEL.DISTILLATOR[block][name] = value
     _merge_list(cfg, parse_overrides(cfg, overrides))
     _resolve_device(cfg, device)
     cfg.freeze()

@@ -86,6 +86,17 @@ def add_lgd_config(cfg: CN) -> None:
     d.LABEL_ENCODER.BOX_FORMAT = "x1y1x2y2"  # the only format the reference implements
     d.LABEL_ENCODER.CATEGORY_FORMAT = "one_hot"  # or "norm_classes": class / K as one number
     d.LABEL_ENCODER.LOAD_LABELMAP = False  # append a 7x7 instance-mask crop (Mask R-CNN rows)
+    # The four keys below are lgd's, not the reference's: each defaults to the official code's
+    # rule ("reference") and names lgd's alternative (docs/method.md §10).
+    # "reference": all boxes, the context box [0, 0, W, H] included, clamped to [0, W-1] x [0, H-1]
+    # of the padded canvas (context descriptor (W-1)/W). "image": real boxes clamped to their own
+    # image, context box added after clamping (descriptor exactly 1): no box depends on the
+    # one-pixel-short canvas, and none reaches into another image's padding.
+    d.LABEL_ENCODER.BOX_CLAMP = "reference"
+    # "reference": an image without boxes gets a pseudo box [0, 0, 1, 1] (no class) and no context
+    # box. "context": it gets only the context slot (no slot without ADD_CONTEXT_BOX): the teacher
+    # sees an empty scene instead of a made-up one-pixel object in the corner.
+    d.LABEL_ENCODER.EMPTY_IMAGE = "reference"
 
     d.TEACHER = CN()
     d.TEACHER.ADD_CONTEXT_BOX = True  # one whole-image box per image, standing for the scene
@@ -95,6 +106,15 @@ def add_lgd_config(cfg: CN) -> None:
     # lgd's variant (not in the reference): False keeps the teacher's `.tea` losses off the
     # detection head it shares with the student, which then learns from student maps only.
     d.TEACHER.HEAD_GRADIENT = True
+    # "reference": boxes map to level l by H_l / H and W_l / W (feature over padded size).
+    # "stride": by 1 / stride, so a cell's point is index x stride, where the detector's anchors
+    # are, also on levels that round up (p6, p7 when the padded size is only 32-divisible).
+    d.TEACHER.CELL_MAPPING = "reference"
+    # RetinaNet/FCOS loss-normaliser EMA. "reference": updated by the student and again by the
+    # teacher pass (twice per step, effective momentum 0.81; the teacher sees the second update).
+    # "per_step": the teacher pass rewinds it, so both passes and the --no-lgd baseline share one
+    # update per step at the detector's momentum 0.9.
+    d.TEACHER.LOSS_NORMALIZER = "reference"
     d.TEACHER.SOLVER = _solver_block(0.01)
 
     d.STUDENT = CN()

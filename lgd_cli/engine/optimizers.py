@@ -1,4 +1,4 @@
-"""The two optimisers of LGD and their LR schedules, built with detectron2's solver helpers (LGD-METHOD.md §7)."""
+"""The two optimisers of LGD and their LR schedules, built with detectron2's solver helpers (docs/method.md §7)."""
 from __future__ import annotations
 
 import torch

@@ -23,7 +23,7 @@ from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_i
 # Exported and eager detections agree when, for every pair of matched detections:
 # |box_exported - box_eager| <= BOX_ATOL + BOX_RTOL * |box_eager| per coordinate (pixels of the input),
 # |score_exported - score_eager| <= SCORE_ATOL, and the classes are equal. TorchScript matches
-# eager exactly; ONNX Runtime differs by ~1e-5 px (DETECTRON2.md item 9), so these catch real
+# eager exactly; ONNX Runtime differs by ~1e-5 px (docs/detectron2.md item 9), so these catch real
 # export bugs (shifted, rescaled or missing outputs) without failing on float reordering.
 BOX_ATOL = 1e-3
 BOX_RTOL = 1e-5

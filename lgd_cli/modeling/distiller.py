@@ -1,4 +1,4 @@
-"""LGDDistiller: a registered detectron2 meta-architecture wrapping a detectron2 student (LGD-METHOD.md §1, §6).
+"""LGDDistiller: a registered detectron2 meta-architecture wrapping a detectron2 student (docs/method.md §1, §6).
 
 Training returns student losses + teacher losses (`.tea`) + `loss_distill`. Inference runs the
 student alone, so exported models and their cost are those of the plain detector.
@@ -29,10 +29,14 @@ from lgd_cli.modeling.students.dense import DenseStudent  # noqa: E402
 from lgd_cli.modeling.students.rcnn import RCNNStudent, label_map_cells, label_map_crops  # noqa: E402
 
 
-def student_seams(student: nn.Module) -> DenseStudent | RCNNStudent:
-    """The seams of a detectron2 student: one interface for dense detectors and R-CNNs."""
+def student_seams(student: nn.Module, loss_normalizer: str = "reference") -> DenseStudent | RCNNStudent:
+    """The seams of a detectron2 student: one interface for dense detectors and R-CNNs.
+
+    `loss_normalizer` (MODEL.DISTILLATOR.TEACHER.LOSS_NORMALIZER) concerns only RetinaNet/FCOS,
+    the students with a running loss normaliser.
+    """
     if isinstance(student, DenseDetector):
-        return DenseStudent(student)
+        return DenseStudent(student, loss_normalizer)
     if isinstance(student, GeneralizedRCNN):
         return RCNNStudent(student)
     raise ConfigError(f"LGD cannot distil a {type(student).__name__}: the student must be RetinaNet, FCOS "
@@ -67,6 +71,10 @@ class LGDDistiller(nn.Module):
         add_context_box: pack one whole-image context slot per image for the teacher.
         label_maps: the teacher reads instance masks (LOAD_LABELMAP, Mask R-CNN): 7×7 crops in
             the label descriptor, mask-shaped pooling and rendering regions.
+        box_clamp, empty_image: how ground truth becomes object slots (``pack_objects``).
+        cell_mapping: how objects land on level cells (as the teacher's), for the label maps.
+        loss_normalizer: how the teacher pass meets RetinaNet/FCOS's loss-normaliser EMA.
+        The last four default to the official code's rules (docs/method.md §10).
         teacher_trains_head: the teacher's detection losses also train the head it shares with
             the student (the method as published). False: they train the teacher modules only.
         distill_gate: "always" (published), or "teacher_better": a batch's distillation loss
@@ -80,7 +88,9 @@ class LGDDistiller(nn.Module):
     @configurable
     def __init__(self, *, student: nn.Module, teacher: ImplicitTeacher | None = None,
                  distill_loss: DistillationLoss | None = None, add_context_box: bool = True,
-                 label_maps: bool = False, teacher_trains_head: bool = True, distill_gate: str = "always"):
+                 label_maps: bool = False, box_clamp: str = "reference", empty_image: str = "reference",
+                 cell_mapping: str = "reference", loss_normalizer: str = "reference",
+                 teacher_trains_head: bool = True, distill_gate: str = "always"):
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -91,7 +101,10 @@ class LGDDistiller(nn.Module):
         if distill_gate not in DISTILL_GATES:
             raise ConfigError(f"unknown distillation gate '{distill_gate}'", hint=f"one of {', '.join(DISTILL_GATES)}")
         self.distill_gate = distill_gate
-        self.seams = student_seams(student)
+        self.box_clamp = box_clamp
+        self.empty_image = empty_image
+        self.cell_mapping = cell_mapping
+        self.seams = student_seams(student, loss_normalizer)
         self.strides = self.seams.strides()  # per FPN level, fixed by the backbone
         self.distill_active = True
         self.evaluate_teacher = False
@@ -115,6 +128,7 @@ class LGDDistiller(nn.Module):
             num_heads=d.TEACHER.NR_TRANSFORMER_HEADS,
             category_format=d.LABEL_ENCODER.CATEGORY_FORMAT,
             use_mask_crops=d.LABEL_ENCODER.LOAD_LABELMAP,
+            cell_mapping=d.TEACHER.CELL_MAPPING,
         )
         return {
             "student": student,
@@ -124,6 +138,10 @@ class LGDDistiller(nn.Module):
             "label_maps": d.LABEL_ENCODER.LOAD_LABELMAP,
             "teacher_trains_head": d.TEACHER.HEAD_GRADIENT,
             "distill_gate": d.DISTILL_GATE,
+            "box_clamp": d.LABEL_ENCODER.BOX_CLAMP,
+            "empty_image": d.LABEL_ENCODER.EMPTY_IMAGE,
+            "cell_mapping": d.TEACHER.CELL_MAPPING,
+            "loss_normalizer": d.TEACHER.LOSS_NORMALIZER,
         }
 
     @property
@@ -146,11 +164,15 @@ class LGDDistiller(nn.Module):
         objects = pack_objects(
             [x.gt_boxes.tensor for x in gt_instances], [x.gt_classes for x in gt_instances],
             list(images.image_sizes), padded, self.add_context_box,
-            gt_masks7=label_map_crops(gt_instances) if self.label_maps else None)
+            gt_masks7=label_map_crops(gt_instances) if self.label_maps else None,
+            box_clamp=self.box_clamp, empty_image=self.empty_image)
         cells = None
         if self.label_maps:
             shapes = [tuple(f.shape[-2:]) for f in features]
-            cells = label_map_cells(gt_instances, objects.include, objects.is_context, shapes, self.strides)
+            # is_context, not covers_all: the reference's label map gives an empty image's
+            # pseudo box (in the context column) the whole canvas.
+            cells = label_map_cells(gt_instances, objects.include, objects.is_context, shapes, self.strides,
+                                    padded, self.cell_mapping)
         maps = self.teacher(features, objects, padded, self.strides, cell_masks=cells)
         return maps, objects.valid.any()
 

@@ -33,3 +33,21 @@ def test_every_detector_and_backbone_of_the_paper_has_a_preset():
             assert f"{detector}-{backbone}-2x" in names
     assert {"retinanet-swint-3x", "mask-rcnn-swint-3x"} <= names
     assert {"demo", "fcos-demo", "faster-rcnn-demo", "mask-rcnn-demo"} <= names
+
+
+def test_checkpoint_config_without_the_option_keys_keeps_the_rules_it_was_trained_with():
+    from lgd_cli.config.build import config_from_checkpoint_yaml
+
+    keys = {"LABEL_ENCODER": {"BOX_CLAMP": "image", "EMPTY_IMAGE": "context"},
+            "TEACHER": {"CELL_MAPPING": "stride", "LOSS_NORMALIZER": "per_step"}}
+    cfg = build_config("demo", device="cpu", resolve_dataset=False)
+    current = config_from_checkpoint_yaml(cfg.dump(), device="cpu")
+    assert all(current.MODEL.DISTILLATOR[b][k] == "reference" for b in keys for k in keys[b])
+
+    old = cfg.clone()
+    old.defrost()
+    for block, names in keys.items():
+        for name in names:
+            del old.MODEL.DISTILLATOR[block][name]
+    legacy = config_from_checkpoint_yaml(old.dump(), device="cpu")
+    assert {b: {k: legacy.MODEL.DISTILLATOR[b][k] for k in keys[b]} for b in keys} == keys

@@ -1,5 +1,9 @@
-"""Every paper-row preset resolves to the official config, key by key (tests/fixtures/reference-recipes.json,
-a copy of ../shared/reference-recipes.json: the megvii-research/LGD configs as detectron2 resolves them)."""
+"""Every paper-row preset resolves to the official config, key by key (tests/fixtures/reference-recipes.json:
+the megvii-research/LGD configs as detectron2 resolves them).
+
+Only the reference's keys are compared; keys that exist only in lgd are not. Among those, the four
+options where lgd's computation may depart from the official code (docs/method.md §10) must keep
+the official rule in every preset, paper row or not: see OFFICIAL_RULES."""
 import json
 import math
 from pathlib import Path
@@ -44,6 +48,14 @@ NOT_CARRIED = {
     "MODEL.DISTILLATOR.TEACHER.META_ARCH": "the reference's class name (DynamicTeacher = lgd's ImplicitTeacher)",
     "MODEL.DISTILLATOR.ADAPTER.META_ARCH": "SequentialConvs, the only adapter, is lgd's DistillationLoss adapter",
     "MODEL.DISTILLATOR.TEACHER.AFFINE": "False in every row: lgd's teacher norms never have affine parameters",
+}
+# lgd-only keys (absent from the reference) that choose between the official computation and
+# lgd's alternative; the official rule is "reference" (docs/method.md §10).
+OFFICIAL_RULES = {
+    "MODEL.DISTILLATOR.LABEL_ENCODER.BOX_CLAMP": "reference",
+    "MODEL.DISTILLATOR.LABEL_ENCODER.EMPTY_IMAGE": "reference",
+    "MODEL.DISTILLATOR.TEACHER.CELL_MAPPING": "reference",
+    "MODEL.DISTILLATOR.TEACHER.LOSS_NORMALIZER": "reference",
 }
 # Keys lgd carries with a different value on purpose.
 DIFFERENT = {
@@ -97,6 +109,18 @@ def test_preset_matches_reference_row(row):
 def test_every_paper_preset_maps_to_a_row():
     paper = {p.name for p in list_presets() if p.meta.get("PAPER_AP", -1) > 0}
     assert paper == set(PRESET_OF_ROW.values())
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in list_presets()))
+def test_every_preset_keeps_the_official_rules(preset):
+    cfg = build_config(preset, device="cpu", resolve_dataset=False)
+    assert {key: _value(cfg, key) for key in OFFICIAL_RULES} == OFFICIAL_RULES
+
+
+def test_official_rule_keys_are_not_reference_keys():
+    # They are lgd's own: the reference has no such switch, so nothing above compares them.
+    keys = set().union(*(set(r["keys"]) for r in RECIPES["rows"].values()))
+    assert not set(OFFICIAL_RULES) & keys
 
 
 def test_exceptions_are_reference_keys():

@@ -85,14 +85,68 @@ def test_detach_appearance_embed_keeps_teacher_losses_out_of_the_student(model_f
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.head.parameters())
 
 
-def test_teacher_pass_leaves_the_loss_normaliser_as_one_pass_would(model_factory):
-    lgd = model_factory()
+def test_per_step_teacher_pass_leaves_the_loss_normaliser_as_one_pass_would(model_factory):
+    lgd = model_factory("MODEL.DISTILLATOR.TEACHER.LOSS_NORMALIZER=per_step")
     base = model_factory("MODEL.DISTILLATOR.ENABLED=False")
     base.load_state_dict(lgd.state_dict(), strict=False)
     batch = make_batch()
     a, b = losses_of(lgd, batch), losses_of(base, batch)
     torch.testing.assert_close(a["loss_cls"], b["loss_cls"])
     assert lgd.student.loss_normalizer == pytest.approx(base.student.loss_normalizer)
+
+
+def test_reference_loss_normaliser_advances_once_per_loss_call(model_factory):
+    """Two loss calls in one step, by hand: RetinaNet's EMA starts at 100 with momentum 0.9."""
+    model = model_factory()
+    seams, batch = model.seams, make_batch()
+    gt = [x["instances"] for x in batch]
+    with EventStorage(0):
+        images, maps = seams.extract(batch)
+        targets = seams.new_targets()
+        student = seams.losses(images, maps, gt, targets)
+        after_student = model.student.loss_normalizer
+        teacher = seams.losses(images, maps, gt, targets)  # the teacher pass, here on the same maps
+        after_teacher = model.student.loss_normalizer
+    labels = torch.stack(targets.gt_labels)
+    positives = int(((labels >= 0) & (labels != 3)).sum())
+    assert positives > 0
+    assert after_student == pytest.approx(0.9 * 100 + 0.1 * positives)
+    assert after_teacher == pytest.approx(0.81 * 100 + 0.19 * positives)
+    # Both terms are sums divided by the normaliser the call has just updated.
+    for key in student:
+        torch.testing.assert_close(teacher[key], student[key] * after_student / after_teacher)
+
+    # Through a whole training step, against one pass of the plain student on the same batch.
+    lgd, base = model_factory(), model_factory("MODEL.DISTILLATOR.ENABLED=False")
+    base.load_state_dict(lgd.state_dict(), strict=False)
+    losses_of(lgd, batch), losses_of(base, batch)
+    one_update = base.student.loss_normalizer  # 90 + 0.1 p
+    assert lgd.student.loss_normalizer == pytest.approx(0.9 * one_update + (one_update - 90))
+
+
+def test_each_option_key_reaches_its_computation(model_factory, monkeypatch):
+    from lgd_cli.modeling import distiller
+    from lgd_cli.modeling.lgd import teacher
+
+    packed, scales = [], []
+    pack, masks = distiller.pack_objects, teacher.box_cell_masks
+    monkeypatch.setattr(distiller, "pack_objects", lambda *a, **k: packed.append(pack(*a, **k)) or packed[-1])
+    monkeypatch.setattr(teacher, "box_cell_masks", lambda *a: scales.append(a[4]) or masks(*a))
+    batch = make_batch() + make_batch(num_images=1, boxes_per_image=0)  # 64 px: p7 is 1 x 1
+    official = model_factory()
+    lgd = model_factory("MODEL.DISTILLATOR.LABEL_ENCODER.BOX_CLAMP=image",
+                        "MODEL.DISTILLATOR.LABEL_ENCODER.EMPTY_IMAGE=context",
+                        "MODEL.DISTILLATOR.TEACHER.CELL_MAPPING=stride")
+    for model in (official, lgd):
+        losses_of(model, batch)
+    (ref_objects, lgd_objects), (ref_scales, lgd_scales) = packed, scales
+    # BOX_CLAMP: the context box of the 64 x 64 canvas.
+    assert ref_objects.boxes[0, -1].tolist() == [0.0, 0.0, 63.0, 63.0]
+    assert lgd_objects.boxes[0, -1].tolist() == [0.0, 0.0, 64.0, 64.0]
+    # EMPTY_IMAGE: image 2 has no box.
+    assert ref_objects.is_pseudo[2].any() and not lgd_objects.is_pseudo.any()
+    # CELL_MAPPING: p7 (stride 128) of a 64-px canvas is one cell: 1/64 against 1/128.
+    assert ref_scales[-1] == (1 / 64, 1 / 64) and lgd_scales[-1] == (1 / 128, 1 / 128)
 
 
 def test_baseline_has_no_lgd_modules(model_factory):

@@ -8,7 +8,7 @@ from detectron2.utils.events import EventStorage
 from lgd_cli.config.build import build_config
 from lgd_cli.engine.train import build_lgd_model
 from lgd_cli.errors import ConfigError
-from lgd_cli.modeling.lgd import box_cell_masks
+from lgd_cli.modeling.lgd import box_cell_masks, level_scales
 from lgd_cli.modeling.students.fcos import FCOS
 from lgd_cli.modeling.students.rcnn import label_map_cells
 
@@ -96,7 +96,7 @@ def test_lgd_iterations_give_all_terms_and_train_teacher_and_student(build, dete
 @pytest.mark.parametrize("detector", list(DETECTORS))
 def test_teacher_pass_on_the_student_maps_reproduces_the_student_losses(build, detector):
     """Targets are shared: the same maps through the second pass give the same losses (and EMA state)."""
-    model = build(detector)
+    model = build(detector, "MODEL.DISTILLATOR.TEACHER.LOSS_NORMALIZER=per_step")
     seams = model.seams
     batch = make_batch()
     gt = [x["instances"] for x in batch]
@@ -118,6 +118,25 @@ def test_teacher_pass_on_the_student_maps_reproduces_the_student_losses(build, d
     assert getattr(model.student, "loss_normalizer", None) == after_first
     if detector == "fcos":
         assert before is None and after_first == pytest.approx(0.9 * 300 + 0.1 * targets_positives(targets))
+
+
+def test_reference_fcos_loss_normaliser_advances_with_each_pass(build):
+    """The official rule: each loss call updates the EMA (from 300, momentum 0.9), so the teacher
+    pass on the same maps normalises by the second update."""
+    model = build("fcos")
+    seams, batch = model.seams, make_batch()
+    gt = [x["instances"] for x in batch]
+    with EventStorage(0):
+        images, maps = seams.extract(batch)
+        targets = seams.new_targets()
+        first = seams.losses(images, maps, gt, targets)
+        n1 = model.student.loss_normalizer
+        second = seams.losses(images, maps, gt, targets)
+        n2 = model.student.loss_normalizer
+    p = targets_positives(targets)
+    assert n1 == pytest.approx(0.9 * 300 + 0.1 * p) and n2 == pytest.approx(0.81 * 300 + 0.19 * p)
+    for key in first:
+        torch.testing.assert_close(second[key], first[key] * n1 / n2)
 
 
 @pytest.mark.parametrize("detector", list(DETECTORS))
@@ -174,8 +193,9 @@ def test_label_maps_need_masks(build):
         build("faster", "MODEL.DISTILLATOR.LABEL_ENCODER.LOAD_LABELMAP=True")
 
 
+@pytest.mark.parametrize("mapping", ["reference", "stride"])
 @pytest.mark.parametrize("bitmasks", [False, True])
-def test_label_map_cells_of_a_rectangle_match_its_box_cells(bitmasks):
+def test_label_map_cells_of_a_rectangle_match_its_box_cells(bitmasks, mapping):
     size, strides = 64, [4, 8, 16, 32, 64]
     shapes = [(size // s, size // s) for s in strides]
     box = [5.0, 9.0, 43.0, 30.0]  # no side on a cell point of any level
@@ -184,9 +204,9 @@ def test_label_map_cells_of_a_rectangle_match_its_box_cells(bitmasks):
     masks = PolygonMasks([[[x0, y0, x1, y0, x1, y1, x0, y1]]])
     inst.gt_masks = BitMasks.from_polygon_masks(masks, size, size) if bitmasks else masks
     include, context = torch.tensor([[True, True]]), torch.tensor([[False, True]])
-    cells = label_map_cells([inst], include, context, shapes, strides)
+    cells = label_map_cells([inst], include, context, shapes, strides, (size, size), mapping)
     boxes = torch.tensor([[box, [0, 0, size, size]]])
-    expected = box_cell_masks(boxes, include, context, shapes, strides)
+    expected = box_cell_masks(boxes, include, context, shapes, level_scales(shapes, strides, (size, size), mapping))
     for got, want in zip(cells, expected):
         torch.testing.assert_close(got, want)
     assert cells[0][0, 0].sum() > 0 and cells[-1][0, 1].all()
@@ -198,10 +218,32 @@ def test_label_map_cells_follow_the_mask_shape():
     triangle = [[[0.0, 0.0, 63.0, 0.0, 0.0, 63.0]]]  # the upper-left half of the image
     inst = Instances((size, size), gt_boxes=Boxes(torch.tensor([[0.0, 0.0, 63.0, 63.0]])), gt_classes=torch.tensor([1]))
     inst.gt_masks = PolygonMasks(triangle)
-    cells = label_map_cells([inst], torch.tensor([[True]]), torch.tensor([[False]]), shapes, strides)
-    fine = cells[0][0, 0]
-    assert fine[1, 1] == 1 and fine[14, 14] == 0 and 0.4 < fine.mean() < 0.65
-    torch.testing.assert_close(cells[1][0, 0], fine[::2, ::2])
+    for mapping in ("reference", "stride"):
+        cells = label_map_cells([inst], torch.tensor([[True]]), torch.tensor([[False]]), shapes, strides,
+                                (size, size), mapping)
+        fine = cells[0][0, 0]
+        assert fine[1, 1] == 1 and fine[14, 14] == 0 and 0.4 < fine.mean() < 0.65
+        torch.testing.assert_close(cells[1][0, 0], fine[::2, ::2])
+
+
+def test_reference_label_map_cells_sample_where_nearest_resizing_reads():
+    # Image 80 x 96 on a 96 x 96 canvas. p6 (stride 64) of it is 2 x 2: nearest resizing
+    # 96 -> 2 reads rows/columns 0 and 48, the stride rule 0 and 64. p2 (96/4 = 24) agrees.
+    size, padded = (80, 96), (96, 96)
+    shapes, strides = [(24, 24), (2, 2)], [4, 64]
+    bitmask = torch.zeros(2, *size, dtype=torch.bool)
+    bitmask[0, 40:60, 40:60] = True  # holds pixel (48, 48), not (64, 64)
+    bitmask[1, 60:80, 60:80] = True  # holds (64, 64), not (48, 48)
+    inst = Instances(size, gt_boxes=Boxes(torch.tensor([[40.0, 40.0, 60.0, 60.0], [60.0, 60.0, 80.0, 80.0]])),
+                     gt_classes=torch.tensor([0, 1]), gt_masks=BitMasks(bitmask))
+    include, context = torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2, dtype=torch.bool)
+    p2, p6 = label_map_cells([inst], include, context, shapes, strides, padded)
+    assert p6[0, 0].nonzero().tolist() == [[1, 1]] and p6[0, 1].sum() == 0
+    assert p2[0, 0].nonzero().tolist() == [[i, j] for i in range(10, 15) for j in range(10, 15)]
+    # Rows 60..79 exist, 80.. are padding: p2 rows 15..19 only.
+    assert p2[0, 1].nonzero()[:, 0].unique().tolist() == list(range(15, 20))
+    _, p6_stride = label_map_cells([inst], include, context, shapes, strides, padded, "stride")
+    assert p6_stride[0, 0].sum() == 0 and p6_stride[0, 1].nonzero().tolist() == [[1, 1]]
 
 
 def test_fcos_is_registered_and_reg_weight_scales_the_box_loss(build):

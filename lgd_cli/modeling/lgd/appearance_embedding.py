@@ -1,4 +1,4 @@
-"""Appearance embedding: student FPN maps mask-pooled per object and level (LGD-METHOD.md §3)."""
+"""Appearance embedding: student FPN maps mask-pooled per object and level (docs/method.md §3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Distillation loss: adapted student maps vs. the detached teacher maps (LGD-METHOD.md §6)."""
+"""Distillation loss: adapted student maps vs. the detached teacher maps (docs/method.md §6)."""
 from __future__ import annotations
 
 import torch

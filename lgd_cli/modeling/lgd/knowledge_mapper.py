@@ -1,4 +1,4 @@
-"""Intra-object knowledge mapper: object vectors painted onto FPN grids (LGD-METHOD.md §5)."""
+"""Intra-object knowledge mapper: object vectors painted onto FPN grids (docs/method.md §5)."""
 from __future__ import annotations
 
 import torch
@@ -43,22 +43,22 @@ class KnowledgeMapper(nn.Module):
         Args:
             object_vectors: L tensors (B, N, C) from ``RelationAdapter``.
             masks: L cell masks (B, N, H_l, W_l) from ``box_cell_masks``.
-            objects: the padded batch; ``valid`` picks the painted slots and
-                ``is_context`` the context slot.
+            objects: the padded batch; ``painted`` picks the painted slots (real boxes,
+                a pseudo box without the context box) and ``is_context`` the context slot.
 
         Returns:
             L teacher maps (B, C, H_l, W_l), the shapes of the masks' grids.
         """
         assert len(object_vectors) == len(masks)
         assert self.num_levels is None or len(masks) == self.num_levels
-        real = objects.valid[..., None].to(masks[0].dtype)  # (B, N, 1)
+        paint = objects.painted[..., None].to(masks[0].dtype)  # (B, N, 1)
         context = objects.is_context[..., None].to(masks[0].dtype)
         outputs = []
         for vectors, mask in zip(object_vectors, masks):
             B, N, H_l, W_l = mask.shape
-            # 1. Σ over real objects of vector · mask, as one (C, N) × (N, H_l*W_l) product
+            # 1. Σ over painted objects of vector · mask, as one (C, N) × (N, H_l*W_l) product
             #    per image; context and padding slots carry weight 0.
-            weights = mask.flatten(2) * real  # (B, N, H_l*W_l)
+            weights = mask.flatten(2) * paint  # (B, N, H_l*W_l)
             painted = torch.bmm(self.instance_proj(vectors).transpose(1, 2), weights)
             x = self.instance_conv(painted.view(B, -1, H_l, W_l))
             # 2. The context vector (one slot per image) lifts every cell alike.

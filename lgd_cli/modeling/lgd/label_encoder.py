@@ -1,4 +1,4 @@
-"""Label encoder: box + class (+ mask crop) descriptors -> label embeddings (LGD-METHOD.md §2).
+"""Label encoder: box + class (+ mask crop) descriptors -> label embeddings (docs/method.md §2).
 
 A PointNet over each image's set of objects, run on the padded (B, N) slots at once.
 """

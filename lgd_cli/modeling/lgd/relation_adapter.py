@@ -1,4 +1,4 @@
-"""Inter-object relation adapter: attention among the objects of one image (LGD-METHOD.md §4).
+"""Inter-object relation adapter: attention among the objects of one image (docs/method.md §4).
 
 Images are the batch dimension of the attention, so no object can attend across images.
 """
@@ -51,7 +51,7 @@ class RelationAdapter(nn.Module):
         Args:
             label_embed: (B, N, C) from ``LabelEncoder``.
             appearance: L tensors (B, N, C) from ``AppearanceEmbedding``.
-            include: (B, N) bool, the object slots (real boxes and context), not padding.
+            include: (B, N) bool, the object slots (real, pseudo and context boxes), not padding.
 
         Returns:
             L tensors (B, N, C); slots outside ``include`` are exactly zero.

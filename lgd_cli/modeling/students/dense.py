@@ -29,16 +29,26 @@ class DenseTargets:
     normalizer: float | None = None  # the loss-normaliser EMA before this batch
 
 
+# How the detector's loss-normaliser EMA (num positives, momentum 0.9) meets the two passes:
+# "reference": every `losses` call updates it, so it advances twice per step and the teacher
+# pass sees the second update; "per_step": later passes of a batch rewind it to the first's.
+LOSS_NORMALIZER_RULES = ("reference", "per_step")
+
+
 class DenseStudent(StudentSeams):
     """Stateless view over a detectron2 DenseDetector (no parameters of its own).
 
     Args:
         detector: a detectron2 RetinaNet or FCOS (targets shared between passes), or
             another DenseDetector (head + its own forward_training per pass).
+        loss_normalizer: one of LOSS_NORMALIZER_RULES.
     """
 
-    def __init__(self, detector: DenseDetector):
+    def __init__(self, detector: DenseDetector, loss_normalizer: str = "reference"):
+        if loss_normalizer not in LOSS_NORMALIZER_RULES:
+            raise ValueError(f"loss_normalizer must be one of {LOSS_NORMALIZER_RULES}, got {loss_normalizer!r}")
         super().__init__(detector)
+        self.loss_normalizer = loss_normalizer
 
     @property
     def in_features(self) -> list[str]:
@@ -58,7 +68,12 @@ class DenseStudent(StudentSeams):
 
     def losses(self, images: ImageList, features: list[Tensor], gt_instances: list[Instances],
                targets: DenseTargets) -> dict[str, Tensor]:
-        """Head + loss on `features`. The first call fills `targets`; later calls reuse them."""
+        """Head + loss on `features`. The first call fills `targets`; later calls reuse them.
+
+        detectron2's `losses` updates the detector's `loss_normalizer` EMA on every call; with
+        the "per_step" rule a later call first restores the value the first call started from.
+        Either way the attribute holds the end-of-step state that checkpoints record.
+        """
         det = self.detector
         predictions = det.head(features)
         if isinstance(det, RetinaNet):
@@ -72,12 +87,13 @@ class DenseStudent(StudentSeams):
             targets.anchors = det.anchor_generator(features)
             targets.gt_labels, targets.gt_boxes = det.label_anchors(targets.anchors, gt_instances)
             targets.normalizer = getattr(det, "loss_normalizer", None)
-        elif targets.normalizer is not None:
+        elif self.loss_normalizer == "per_step":
             # Same batch, same positives: rewind the EMA so the second pass normalises exactly
             # like the first and leaves the same state behind.
-            det.loss_normalizer = targets.normalizer
-        else:
-            del det.loss_normalizer
+            if targets.normalizer is not None:
+                det.loss_normalizer = targets.normalizer
+            else:
+                del det.loss_normalizer
         return det.losses(targets.anchors, pred_logits, targets.gt_labels, pred_deltas, targets.gt_boxes, *extra)
 
     def inference(self, images: ImageList, features: list[Tensor], batched_inputs: list[dict]) -> list[dict]:

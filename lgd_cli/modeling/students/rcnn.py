@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lgd_cli.compat import detectron2 as _compat
@@ -28,6 +29,7 @@ from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks  
 from detectron2.structures.masks import polygons_to_bitmask  # noqa: E402
 
 from lgd_cli.errors import ConfigError  # noqa: E402
+from lgd_cli.modeling.lgd.box_masks import CELL_MAPPINGS  # noqa: E402
 from lgd_cli.modeling.students.base import StudentSeams  # noqa: E402
 
 __all__ = ["RCNNStudent", "RCNNTargets", "label_map_cells", "label_map_crops"]
@@ -154,14 +156,52 @@ def _sample_masks(masks, count: int, stride: int, grid: tuple[int, int]) -> Tens
     raise ValueError(f"unsupported instance mask type {type(masks).__name__} (PolygonMasks or BitMasks expected)")
 
 
+def _nearest_indices(size_in: int, size_out: int) -> Tensor:
+    """(size_out,) long: the input index F.interpolate(mode="nearest") reads for each output index."""
+    positions = torch.arange(size_in, dtype=torch.float32).view(1, 1, -1)
+    return F.interpolate(positions, size=size_out, mode="nearest").view(-1).long()
+
+
+def _full_resolution_cells(gt_instances: list[Instances], num_slots: int, feature_shapes: list[tuple[int, int]],
+                           padded_size: tuple[int, int]) -> list[Tensor]:
+    """The reference's rule: each instance mask at full resolution, padded to the canvas and
+    resized to every level by nearest sampling; L bool tensors (B, num_slots, H_l, W_l) on the CPU.
+
+    One instance is rasterised at a time and sampled at once, so no (N, H, W) stack is ever held.
+    """
+    H, W = padded_size
+    points = [(_nearest_indices(H, h), _nearest_indices(W, w)) for h, w in feature_shapes]
+    cells = [torch.zeros(len(gt_instances), num_slots, h, w, dtype=torch.bool) for h, w in feature_shapes]
+    for b, inst in enumerate(gt_instances):
+        masks = _masks_of(inst)
+        if masks is None:
+            continue
+        h_i, w_i = inst.image_size
+        for k in range(len(inst)):
+            if isinstance(masks, PolygonMasks):
+                full = torch.from_numpy(polygons_to_bitmask(masks.polygons[k], h_i, w_i))
+            elif isinstance(masks, BitMasks):
+                full = masks.tensor[k].cpu().bool()
+            else:
+                raise ValueError(f"unsupported instance mask type {type(masks).__name__} "
+                                 "(PolygonMasks or BitMasks expected)")
+            for level, (rows, cols) in zip(cells, points):
+                # Points on the padding (index >= the image's size) stay outside every mask.
+                r, c = rows[rows < full.shape[0]], cols[cols < full.shape[1]]
+                level[b, k, :len(r), :len(c)] = full[r][:, c]
+    return cells
+
+
 def label_map_cells(gt_instances: list[Instances], include: Tensor, is_context: Tensor,
-                    feature_shapes: list[tuple[int, int]], strides: list[int]) -> list[Tensor]:
+                    feature_shapes: list[tuple[int, int]], strides: list[int], padded_size: tuple[int, int],
+                    mapping: str = "reference") -> list[Tensor]:
     """Per-level cell masks shaped like the instance masks (the label-map variant of ``box_cell_masks``).
 
-    A cell of a level with stride s stands for the image point (j·s, i·s), as for boxes; it belongs
-    to an instance when that point is inside the instance's mask. The instances are rasterised
-    once on the finest level's grid and the coarser levels sample it, so no full-resolution
-    bitmask is ever built.
+    With mapping "reference", level l samples the instance mask (padded to the canvas) at the
+    pixels nearest interpolation to (H_l, W_l) reads, i.e. row floor(i·H/H_l), as the reference
+    does. With "stride", cell (i, j) stands for the image point (j·s, i·s), as for boxes: the
+    instances are rasterised once on the finest level's grid and the coarser levels sample it,
+    so no full-resolution bitmask is ever built. The two agree where H and W are multiples of s.
 
     Args:
         gt_instances: B Instances with gt_masks (PolygonMasks or BitMasks), in the slot order
@@ -169,27 +209,38 @@ def label_map_cells(gt_instances: list[Instances], include: Tensor, is_context: 
         include: (B, N) bool, the ObjectBatch's object slots; others get an empty mask.
         is_context: (B, N) bool; context slots cover every cell.
         feature_shapes: L pairs (H_l, W_l); strides: L strides in pixels.
+        padded_size: (H, W) of the padded batch tensor.
+        mapping: "reference" or "stride" (MODEL.DISTILLATOR.TEACHER.CELL_MAPPING).
 
     Returns:
         L float tensors (B, N, H_l, W_l) of 0/1, on `include`'s device.
     """
+    if mapping not in CELL_MAPPINGS:
+        raise ValueError(f"mapping must be one of {CELL_MAPPINGS}, got {mapping!r}")
     B, N = include.shape
+    if mapping == "reference":
+        levels = _full_resolution_cells(gt_instances, N, feature_shapes, padded_size)
+    else:
+        levels = _stride_grid_cells(gt_instances, N, feature_shapes, strides)
+    cells = []
+    for level in levels:
+        level = (level.to(include.device) | is_context[..., None, None]) & include[..., None, None]
+        cells.append(level.float())
+    return cells
+
+
+def _stride_grid_cells(gt_instances: list[Instances], num_slots: int, feature_shapes: list[tuple[int, int]],
+                       strides: list[int]) -> list[Tensor]:
+    """lgd's rule: masks sampled at the points (j·s, i·s); L bool tensors (B, num_slots, H_l, W_l) on the CPU."""
     base = min(strides)
     if any(s % base for s in strides):
         raise ValueError(f"level strides {strides} must be multiples of the finest one")
     # The finest grid, large enough for every level's sample points.
     grid = (max((h - 1) * (s // base) + 1 for (h, _), s in zip(feature_shapes, strides)),
             max((w - 1) * (s // base) + 1 for (_, w), s in zip(feature_shapes, strides)))
-    fine = torch.zeros(B, N, *grid, dtype=torch.bool)
+    fine = torch.zeros(len(gt_instances), num_slots, *grid, dtype=torch.bool)
     for b, inst in enumerate(gt_instances):
         masks = _masks_of(inst)
         if masks is not None:
             fine[b, :len(inst)] = _sample_masks(masks, len(inst), base, grid)
-    fine = fine.to(include.device)
-    cells = []
-    for (h, w), s in zip(feature_shapes, strides):
-        k = s // base
-        level = fine[:, :, ::k, ::k][:, :, :h, :w]
-        level = (level | is_context[..., None, None]) & include[..., None, None]
-        cells.append(level.float())
-    return cells
+    return [fine[:, :, ::s // base, ::s // base][:, :, :h, :w] for (h, w), s in zip(feature_shapes, strides)]

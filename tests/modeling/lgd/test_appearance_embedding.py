@@ -33,7 +33,7 @@ def test_box_masks_feed_pooling_and_empty_batch():
     module = AppearanceEmbedding(C)
     features = [torch.randn(2, C, 4, 4, requires_grad=True)]
     masks = box_cell_masks(torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool),
-                           torch.zeros(2, 0, dtype=torch.bool), [(4, 4)], [8])
+                           torch.zeros(2, 0, dtype=torch.bool), [(4, 4)], [(1 / 8, 1 / 8)])
     (pooled,) = module(features, masks)
     assert pooled.shape == (2, 0, C)
     pooled.sum().backward()
