@@ -96,6 +96,7 @@ def train(
     """
     from lgd_cli.config.build import build_config
     from lgd_cli.engine import train as engine_train
+    from lgd_cli.engine.launch import report_failure
 
     pairs = []
     if iters is not None:
@@ -115,7 +116,13 @@ def train(
     if skip_nonfinite is not None:
         pairs.append(f"LGD.SKIP_NONFINITE={skip_nonfinite}")
     pairs += _data_pairs(data_root, train_json, train_images, val_json, val_images)
-    cfg = build_config(preset, pairs + list(overrides or []), device=device)
+    try:
+        cfg = build_config(preset, pairs + list(overrides or []), device=device)
+    except LgdError as exc:
+        # The other machines stop too, instead of waiting for this one until --join-timeout.
+        report_failure(exc, num_machines=machines, machine_rank=machine_rank, dist_url=dist_url,
+                                    wait_s=min(10.0, join_timeout))
+        raise
     if output is None:
         output = Path("output") / (cfg.LGD.PRESET + ("" if cfg.MODEL.DISTILLATOR.ENABLED else "-baseline"))
     summary = engine_train.train(

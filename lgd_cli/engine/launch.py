@@ -128,11 +128,11 @@ def launch(worker, num_processes: int, *, num_machines: int = 1, machine_rank: i
 
 
 def report_failure(error: LgdError, *, num_machines: int, machine_rank: int, dist_url: str,
-                   wait_s: float = 3.0) -> None:
+                   wait_s: float = 10.0) -> None:
     """Tell the other machines that this one failed before joining (best effort, for `wait_s` at most).
 
     So a bad dataset path or a refused run folder on one machine stops the others at once instead of
-    after the join timeout.
+    after the join timeout; machines started together reach the rendezvous within seconds.
     """
     if num_machines < 2:
         return

@@ -138,7 +138,8 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
         if main_machine:
             prepare_output(output, resume, force)
     except LgdError as exc:
-        report_failure(exc, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url)
+        report_failure(exc, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+                       wait_s=min(10.0, join_timeout))
         raise
     fresh = main_machine and not _holds_run(output)
     try:
