@@ -45,7 +45,7 @@ _POLL_S = 0.5
 _CAUSE_WAIT_S = 3.0
 # Machine 0's launcher keeps the store up this long at most for the others to read how the job ended.
 _LINGER_S = 10.0
-_FAILURE, _RESULT, _LEFT = "lgd/failure", "lgd/result", "lgd/left"
+_FAILURE, _RESULT, _LEFT, _STARTED = "lgd/failure", "lgd/result", "lgd/left", "lgd/started"
 
 
 def parse_dist_url(dist_url: str, num_machines: int = 1) -> tuple[str, int]:
@@ -151,7 +151,8 @@ def report_failure(error: LgdError, *, num_machines: int, machine_rank: int, dis
                 time.sleep(0.1)
         elif _port_open(host, port, deadline):
             store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=wait_s))
-            store.compare_set(_FAILURE, "", record)
+            if not store.check([_STARTED]):  # a run that started without us is another run: leave it be
+                store.compare_set(_FAILURE, "", record)
     except (dist.DistError, OSError):
         pass  # the port is taken or the others are gone: nobody to tell
 
@@ -181,13 +182,18 @@ class Rendezvous:
             store = None
             if _port_open(host, port, deadline):
                 try:
-                    store = dist.TCPStore(host, port, is_master=False, timeout=_OP_TIMEOUT)
+                    left = timedelta(seconds=max(1.0, deadline - time.monotonic()))
+                    store = dist.TCPStore(host, port, is_master=False, timeout=left)
+                    store.set_timeout(_OP_TIMEOUT)
                 except dist.DistError:
                     store = None
             if store is None:
                 raise LgdError(f"machine 0 did not join {dist_url_of(host, port)} within {timeout:g} s",
                                hint="machine 0 hosts the rendezvous: start the same `lgd train ... --machine-rank 0` "
                                     "there, and check that this machine reaches HOST:PORT; --join-timeout S waits longer")
+        if store.check([_STARTED]):
+            raise LgdError(f"{dist_url_of(host, port)} belongs to a run that has started without this machine",
+                           hint="choose another PORT in --dist-url for a new run, the same on every machine")
         job = cls(store, host, port, num_machines, machine_rank)
         try:
             job._check_in(layout, deadline, timeout)
@@ -218,6 +224,7 @@ class Rendezvous:
                                             "--machine-rank differs (and paths to data and --output, where disks differ)"))
                     pending.discard(other)
             if not pending:
+                self.store.set(_STARTED, "1")
                 return
             if time.monotonic() > deadline:
                 missing = sorted(pending)
@@ -330,7 +337,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _difference(low: int, high: int, a: dict, b: dict) -> str | None:
     """What machines `low` and `high` (options `a` and `b`) were started with differently, or None."""
-    for key in a.keys() | b.keys():
+    for key in sorted(a.keys() | b.keys()):
         if key == "config" or a.get(key) == b.get(key):
             continue
         return f"machine {low} was started with {key} {a.get(key)}, machine {high} with {key} {b.get(key)}"

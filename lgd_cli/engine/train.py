@@ -196,7 +196,7 @@ def _resume_checkpoint(checkpointer, output: Path, on_gpu: bool) -> tuple[str, s
         return str(local), found["path"], False
     fd, copy = tempfile.mkstemp(prefix="lgd-resume-", suffix=".pth")
     with os.fdopen(fd, "wb") as f:
-        f.write(data.cpu().numpy().tobytes())
+        data.cpu().numpy().tofile(f)
     return copy, found["path"], True
 
 

@@ -131,6 +131,21 @@ def test_a_failure_before_joining_stops_the_waiting_machines_at_once():
     assert raised[0].hint == "check the path" and raised[0].exit_code == 1
 
 
+def test_a_run_that_has_started_is_left_alone():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    url = free_url()
+    port = int(url.rsplit(":", 1)[1])
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    store.set("lgd/started", "1")  # what a running job's launchers have set
+    with pytest.raises(LgdError, match=f"{url} belongs to a run that has started without this machine"):
+        launch(_never_called, 1, num_machines=2, machine_rank=1, dist_url=url, use_cuda=False, join_timeout=5)
+    report_failure(DataError("bad"), num_machines=2, machine_rank=1, dist_url=url, wait_s=2)
+    assert not store.check(["lgd/failure"]) and not store.check(["lgd/count/1"])
+
+
 # --- real runs: two `lgd train` commands ------------------------------------------------------------
 
 def _machines(*commands, timeout=600):
