@@ -84,7 +84,7 @@ def train(
     machines: int = typer.Option(1, "--machines", help="Number of machines."),
     machine_rank: int = typer.Option(0, "--machine-rank", help="Rank of this machine (0 .. machines-1)."),
     dist_url: str = typer.Option("auto", "--dist-url", help="tcp://HOST:PORT where the machines meet: machine 0's address and a free port, the same on every machine (required with --machines > 1)."),
-    join_timeout: float = typer.Option(300.0, "--join-timeout", min=1.0, metavar="SECONDS", help="How long the machines wait for each other to start (default 300)."),
+    join_timeout: float = typer.Option(300.0, "--join-timeout", min=1.0, metavar="SECONDS", help="Seconds the machines wait for each other to start; then they stop, naming the missing ones."),
     device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Train a detector with LGD (or the plain baseline with --no-lgd) and save checkpoints.

@@ -127,9 +127,9 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
     output = Path(output)
     use_cuda = cfg.MODEL.DEVICE.startswith("cuda")
     main_machine = machine_rank == 0
-    check_processes(num_processes, num_machines, machine_rank, use_cuda=use_cuda, dist_url=dist_url)
     existed = output.exists()
     try:
+        check_processes(num_processes, num_machines, machine_rank, use_cuda=use_cuda, dist_url=dist_url)
         if resume and force:
             raise ConfigError("--resume and --force contradict each other: continue the run, or start afresh")
         register_datasets(cfg)

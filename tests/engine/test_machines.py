@@ -16,7 +16,7 @@ import torch
 
 from conftest import run_cli
 from lgd_cli.engine.launch import launch, report_failure
-from lgd_cli.errors import ConfigError, DataError, LgdError
+from lgd_cli.errors import DataError, LgdError
 
 LGD = [sys.executable, "-m", "lgd_cli.cli"]
 
