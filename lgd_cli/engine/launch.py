@@ -417,7 +417,10 @@ def _distributed_worker(local_rank, worker, host, port, world_size, num_per_mach
         comm.synchronize()
         value = worker(*args)
         if rank == 0:
-            store.set(_RESULT, json.dumps(value))
+            try:
+                store.set(_RESULT, json.dumps(value))
+            except dist.DistError:
+                pass  # the launcher that would read it is gone (killed); the run's files are written
         comm.synchronize()  # nobody leaves before the main process has written the run's last files
     except LgdError as exc:
         # The launcher sees only a traceback; this record lets it raise the same error.

@@ -146,6 +146,32 @@ def test_a_run_that_has_started_is_left_alone():
     assert not store.check(["lgd/failure"]) and not store.check(["lgd/count/1"])
 
 
+def _killed_on_rank_1():
+    import signal
+
+    from detectron2.utils import comm
+
+    if comm.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # machine 0's process is stopped by its launcher long before
+    comm.synchronize()
+
+
+@pytest.mark.slow
+def test_a_killed_process_on_one_machine_stops_the_other_naming_it():
+    url = free_url()
+    args = {"worker": _killed_on_rank_1, "num_processes": 1, "num_machines": 2, "dist_url": url, "use_cuda": False,
+            "join_timeout": 120}
+    thread, raised = _in_thread(launch, **args, machine_rank=0)
+    with pytest.raises(LgdError) as info:
+        launch(**args, machine_rank=1)
+    start = time.monotonic()
+    thread.join(60)
+    assert time.monotonic() - start < 15
+    assert info.value.message == "machine 1, rank 1 was killed by SIGKILL" and info.value.exit_code == 137
+    assert raised[0].message == info.value.message and raised[0].exit_code == 137
+
+
 # --- real runs: two `lgd train` commands ------------------------------------------------------------
 
 def _machines(*commands, timeout=600):
