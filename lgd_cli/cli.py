@@ -83,17 +83,20 @@ def train(
     gpus: int = typer.Option(1, "--gpus", help="Processes on this machine: one per GPU (NCCL), or CPU processes (gloo) without CUDA."),
     machines: int = typer.Option(1, "--machines", help="Number of machines."),
     machine_rank: int = typer.Option(0, "--machine-rank", help="Rank of this machine (0 .. machines-1)."),
-    dist_url: str = typer.Option("auto", "--dist-url", help="tcp://HOST:PORT of machine 0 for multi-machine runs."),
+    dist_url: str = typer.Option("auto", "--dist-url", help="tcp://HOST:PORT where the machines meet: machine 0's address and a free port, the same on every machine (required with --machines > 1)."),
+    join_timeout: float = typer.Option(300.0, "--join-timeout", min=1.0, metavar="SECONDS", help="Seconds the machines wait for each other to start; then they stop, naming the missing ones."),
     device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Train a detector with LGD (or the plain baseline with --no-lgd) and save checkpoints.
 
     Examples: `lgd train` (the CPU demo on the embedded data);
     `lgd train --preset retinanet-r50-2x --gpus 8 --data-root datasets/coco`;
-    `lgd train --output output/demo --resume` (continue an interrupted run).
+    `lgd train --output output/demo --resume` (continue an interrupted run);
+    on each of 2 machines, `lgd train ... --machines 2 --machine-rank R --dist-url tcp://HOST:PORT`.
     """
     from lgd_cli.config.build import build_config
     from lgd_cli.engine import train as engine_train
+    from lgd_cli.engine.launch import report_failure
 
     pairs = []
     if iters is not None:
@@ -113,16 +116,27 @@ def train(
     if skip_nonfinite is not None:
         pairs.append(f"LGD.SKIP_NONFINITE={skip_nonfinite}")
     pairs += _data_pairs(data_root, train_json, train_images, val_json, val_images)
-    cfg = build_config(preset, pairs + list(overrides or []), device=device)
+    try:
+        cfg = build_config(preset, pairs + list(overrides or []), device=device)
+    except LgdError as exc:
+        # The other machines stop too, instead of waiting for this one until --join-timeout.
+        report_failure(exc, num_machines=machines, machine_rank=machine_rank, dist_url=dist_url,
+                                    wait_s=min(10.0, join_timeout))
+        raise
     if output is None:
         output = Path("output") / (cfg.LGD.PRESET + ("" if cfg.MODEL.DISTILLATOR.ENABLED else "-baseline"))
     summary = engine_train.train(
         cfg, output, resume=resume, force=force, num_processes=gpus,
-        num_machines=machines, machine_rank=machine_rank, dist_url=dist_url)
+        num_machines=machines, machine_rank=machine_rank, dist_url=dist_url, join_timeout=join_timeout)
     from lgd_cli.console import metrics_table
 
-    console.print(metrics_table("training finished", summary))
-    console.print(f"evaluate it: lgd eval {summary['final_checkpoint']}")
+    if machine_rank == 0:
+        console.print(metrics_table("training finished", summary))
+        console.print(f"evaluate it: lgd eval {summary['final_checkpoint']}")
+    else:
+        console.print(metrics_table(f"training finished (machine {machine_rank} of {machines})", summary))
+        console.print(f"machine 0 wrote the run (checkpoints, metrics, summary.json) to {summary['output']}; "
+                      f"evaluate it there: lgd eval {summary['final_checkpoint']}")
 
 
 @app.command("eval")

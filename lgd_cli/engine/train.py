@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from lgd_cli.compat import detectron2 as _compat
@@ -23,7 +25,7 @@ from lgd_cli.data.loader import build_train_loader  # noqa: E402
 from lgd_cli.engine.checkpoint import LgdCheckpointer  # noqa: E402
 from lgd_cli.files import atomic_write_bytes, repair_json_lines  # noqa: E402
 from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
-from lgd_cli.engine.launch import check_processes, launch  # noqa: E402
+from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure  # noqa: E402
 from lgd_cli.engine.rng import preserved_rng  # noqa: E402
 from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
 from lgd_cli.engine.trainer import LGDTrainer  # noqa: E402
@@ -93,40 +95,115 @@ def prepare_output(output: Path, resume: bool, force: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
+# Config keys that may differ between the machines of one run: paths on each machine's own disks.
+MACHINE_KEYS = ("OUTPUT_DIR", "MODEL.WEIGHTS", "LGD.DATA.ROOT", "LGD.DATA.TRAIN_JSON", "LGD.DATA.TRAIN_IMAGES",
+                "LGD.DATA.VAL_JSON", "LGD.DATA.VAL_IMAGES")
+
+
+def _flat_config(node, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        elif f"{prefix}{key}" not in MACHINE_KEYS:
+            flat[f"{prefix}{key}"] = repr(value)
+    return flat
+
+
 def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_processes: int = 1,
-          num_machines: int = 1, machine_rank: int = 0, dist_url: str = "auto") -> dict:
+          num_machines: int = 1, machine_rank: int = 0, dist_url: str = "auto",
+          join_timeout: float = JOIN_TIMEOUT_S) -> dict:
     """Train (LGD or, with MODEL.DISTILLATOR.ENABLED=False, the baseline) into `output`.
 
-    Inputs are validated before anything is written or any process starts.
+    Inputs are validated before anything is written or any process starts. With several machines
+    (the same command on each, only `machine_rank` differing), only machine 0 looks at and writes
+    the run folder (config, checkpoints, metrics, summary): the others' `output`, shared with it or
+    their own, gets only their processes' `log.txt.rankN`. A second run into a folder is not locked
+    out yet (README, "Several machines").
 
     Returns:
-        The run summary (also written to output/summary.json).
+        The run summary (also written to output/summary.json by machine 0), on every machine.
     """
     output = Path(output)
-    check_processes(num_processes, num_machines, machine_rank, use_cuda=cfg.MODEL.DEVICE.startswith("cuda"))
-    register_datasets(cfg)
-    if cfg.MODEL.WEIGHTS and not resume:
-        resolve_weights_path(cfg.MODEL.WEIGHTS)  # a missing file or a URL fails before anything is written
+    use_cuda = cfg.MODEL.DEVICE.startswith("cuda")
+    main_machine = machine_rank == 0
     existed = output.exists()
-    prepare_output(output, resume, force)
-    fresh = not _holds_run(output)
     try:
-        atomic_write_bytes(output / "config.yaml", lambda f: f.write(cfg.dump().encode()))
-        launch(_train_worker, num_processes, num_machines=num_machines, machine_rank=machine_rank,
-               dist_url=dist_url, use_cuda=cfg.MODEL.DEVICE.startswith("cuda"), args=(cfg, str(output), resume))
+        check_processes(num_processes, num_machines, machine_rank, use_cuda=use_cuda, dist_url=dist_url)
+        if resume and force:
+            raise ConfigError("--resume and --force contradict each other: continue the run, or start afresh")
+        register_datasets(cfg)
+        if cfg.MODEL.WEIGHTS and not resume:
+            resolve_weights_path(cfg.MODEL.WEIGHTS)  # a missing file or a URL fails before anything is written
+        if main_machine:
+            prepare_output(output, resume, force)
+    except LgdError as exc:
+        report_failure(exc, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
+                       wait_s=min(10.0, join_timeout))
+        raise
+    fresh = main_machine and not _holds_run(output)
+    try:
+        if main_machine:
+            atomic_write_bytes(output / "config.yaml", lambda f: f.write(cfg.dump().encode()))
+        return launch(_train_worker, num_processes, num_machines=num_machines, machine_rank=machine_rank,
+                      dist_url=dist_url, use_cuda=use_cuda, join_timeout=join_timeout,
+                      agree={"--resume": resume, "config": _flat_config(cfg)}, args=(cfg, str(output), resume))
     except LgdError:
-        # A user-fixable error (bad image, bad weights, NaN...) before the first checkpoint of a new
-        # run: leave the folder as it was, so the fixed command runs without --force.
+        # A user-fixable error (bad image, bad weights, NaN, a machine missing...) before the first
+        # checkpoint of a new run: leave the folder as it was, so the fixed command runs without --force.
         if fresh and not any(output.glob("model_*.pth")):
             _clear_run(output)
             if not existed and not any(output.iterdir()):
                 output.rmdir()
         raise
-    return json.loads((output / "summary.json").read_text())
 
 
-def _train_worker(cfg, output: str, resume: bool) -> None:
+def _resume_checkpoint(checkpointer, output: Path, on_gpu: bool) -> tuple[str, str, bool] | None:
+    """The checkpoint the main process resumes from, as (file this process loads, its name on machine 0,
+    whether the file is a temporary copy), or None for a fresh start.
+
+    Where the run folder is shared, every process loads the same file. A process that does not see
+    it (its machine has its own folder) gets the main process's bytes, broadcast, in a temporary file
+    outside the run folder: its machine's --output never holds a checkpoint.
+    """
+    if comm.get_world_size() == 1:
+        path = checkpointer.resume_path()
+        return (path, path, False) if path else None
+    found = None
+    if comm.is_main_process():
+        path = checkpointer.resume_path()
+        if path:
+            stat = os.stat(path)
+            found = {"path": path, "name": Path(path).name, "size": stat.st_size, "mtime": stat.st_mtime_ns}
+    found = comm.all_gather(found)[0]
+    if found is None:
+        return None
+    local = output / found["name"]
+    try:
+        stat = local.stat()
+        same = (stat.st_size, stat.st_mtime_ns) == (found["size"], found["mtime"])
+    except OSError:
+        same = False
+    if all(comm.all_gather(same)):
+        return str(local), found["path"], False
+    device = torch.device("cuda", comm.get_local_rank()) if on_gpu else torch.device("cpu")
+    if comm.is_main_process():
+        data = torch.frombuffer(bytearray(Path(found["path"]).read_bytes()), dtype=torch.uint8).to(device)
+    else:
+        data = torch.empty(found["size"], dtype=torch.uint8, device=device)
+    torch.distributed.broadcast(data, src=0)
+    if same:
+        return str(local), found["path"], False
+    fd, copy = tempfile.mkstemp(prefix="lgd-resume-", suffix=".pth")
+    with os.fdopen(fd, "wb") as f:
+        data.cpu().numpy().tofile(f)
+    return copy, found["path"], True
+
+
+def _train_worker(cfg, output: str, resume: bool) -> dict | None:
     rank = comm.get_rank()
+    if rank != 0:
+        Path(output).mkdir(parents=True, exist_ok=True)  # another machine's own folder, for its log
     log_to_file(Path(output) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"))
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     register_datasets(cfg, splits=("train", "val") if cfg.TEST.EVAL_PERIOD > 0 else ("train",))
@@ -148,12 +225,19 @@ def _train_worker(cfg, output: str, resume: bool) -> None:
     trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output))
 
     start_iter = 0
-    path = checkpointer.resume_path() if resume else None
-    if path:
-        checkpointer.load(path)
+    found = _resume_checkpoint(checkpointer, Path(output), cfg.MODEL.DEVICE.startswith("cuda")) if resume else None
+    path = None
+    if found:
+        local, path, copy = found
+        try:
+            checkpointer.load(local)
+        finally:
+            if copy:
+                os.unlink(local)
         checkpointer.last_saved = path
         start_iter = trainer.iter + 1
-        logging.getLogger("lgd_cli").info(f"resuming from {path} at iteration {start_iter}")
+        logging.getLogger("lgd_cli").info(f"resuming from {path} at iteration {start_iter}"
+                                          + (" (sent by the main process)" if copy else ""))
     if resume and comm.is_main_process():
         # A kill can tear the last line; lines of iterations about to be redone would repeat.
         repair_json_lines(Path(output) / "metrics.json", keep=lambda rec: rec.get("iteration", -1) < start_iter)
@@ -177,6 +261,8 @@ def _train_worker(cfg, output: str, resume: bool) -> None:
             "nonfinite_skipped": trainer.nonfinite_skipped,
         }
         atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        return summary
+    return None
 
 
 def _hooks(cfg, model, schedulers, checkpointer, output: str) -> list:
