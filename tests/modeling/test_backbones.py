@@ -116,7 +116,7 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(freeze_at
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 50, 70)
     calls = []
-    checkpointed.layers[-1].blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    checkpointed.layers[-1].blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     results = []
     for trunk in (plain, checkpointed):
         torch.manual_seed(0)
