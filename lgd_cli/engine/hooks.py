@@ -13,6 +13,13 @@ from lgd_cli.console import training_progress
 from lgd_cli.errors import LgdError
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for an all-reduce must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def distillation_active(iteration: int, pre: int, post: int, max_iter: int) -> bool:
     """The reference's rule: distillation is off while iter < PRE or iter > MAX_ITER - POST."""
     return not (iteration < pre or iteration > max_iter - post)
@@ -139,7 +146,7 @@ class GracefulStopHook(HookBase):
         received = self.received or 0
         if comm.get_world_size() > 1:
             # Every process stops at the same iteration (the signal may reach only one).
-            flag = torch.tensor([received], dtype=torch.int64)
+            flag = torch.tensor([received], dtype=torch.int64, device=collective_device())
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             received = int(flag.item())
         if not received:
