@@ -87,3 +87,29 @@ def test_swin_activation_checkpointing_saves_memory_on_cuda():
         del trunk, x
         torch.cuda.empty_cache()
     assert peaks[True] < 0.6 * peaks[False], peaks
+
+
+def test_the_lgd_modules_never_wait_for_the_gpu(tiny_overrides):
+    """Packing the ground truth, the teacher and the distillation loss queue work without a host sync."""
+    from detectron2.structures import Boxes
+
+    from lgd_cli.modeling.lgd import DistillationLoss, pack_objects
+    from lgd_cli.modeling.lgd.teacher import ImplicitTeacher
+
+    torch.manual_seed(0)
+    teacher = ImplicitTeacher(num_classes=3, channels=32, add_context_box=True, detach_appearance=False).cuda()
+    loss = DistillationLoss(32).cuda()
+    strides = [8, 16, 32, 64, 128]
+    features = [torch.randn(2, 32, 128 // s, 128 // s, device="cuda") for s in strides]
+    boxes = [Boxes(torch.tensor([[4.0, 4.0, 60.0, 50.0]], device="cuda")).tensor,
+             Boxes(torch.tensor([[10.0, 8.0, 90.0, 120.0], [0.0, 0.0, 30.0, 30.0]], device="cuda")).tensor]
+    classes = [torch.tensor([1], device="cuda"), torch.tensor([0, 2], device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        objects = pack_objects(boxes, classes, [(128, 128), (128, 128)], (128, 128), True)
+        maps = teacher(features, objects, (128, 128), strides)
+        value = loss(features, maps, detach_student=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(value)

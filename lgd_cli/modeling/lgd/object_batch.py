@@ -72,11 +72,12 @@ def pack_objects(
     # 1. Pad the real objects; slots past N_i are padding.
     boxes = pad_sequence([b.reshape(-1, 4).float() for b in gt_boxes], batch_first=True)
     classes = pad_sequence([c.reshape(-1).long() for c in gt_classes], batch_first=True, padding_value=-1)
-    counts = torch.tensor([len(c) for c in gt_classes], device=device)
-    valid = torch.arange(boxes.shape[1], device=device)[None, :] < counts[:, None]
+    # Host values reach the device without a blocking copy (on CUDA, each blocking copy waits for
+    # the whole stream): the padding is where pad_sequence put class -1, and the sizes are queued.
+    valid = classes >= 0
 
     # 2. Clamp to each image's own extent, so a box never reaches into the padding.
-    sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) = (h, w)
+    sizes = torch.tensor(image_sizes, dtype=boxes.dtype).to(device, non_blocking=True)  # (B, 2) = (h, w)
     limits = sizes.flip(1).repeat(1, 2)[:, None, :]  # (B, 1, 4) = (w, h, w, h)
     boxes = torch.minimum(boxes.clamp(min=0), limits)
 
@@ -87,7 +88,7 @@ def pack_objects(
     # 3. The context slot goes in one extra last column for every image.
     is_context = torch.zeros_like(valid)
     if add_context_box:
-        context_box = boxes.new_tensor([0.0, 0.0, W, H]).expand(B, 1, 4)
+        context_box = torch.tensor([0.0, 0.0, W, H], dtype=boxes.dtype).to(device, non_blocking=True).expand(B, 1, 4)
         boxes = torch.cat([boxes, context_box], dim=1)
         classes = torch.cat([classes, classes.new_full((B, 1), -1)], dim=1)
         valid = torch.cat([valid, valid.new_zeros(B, 1)], dim=1)
