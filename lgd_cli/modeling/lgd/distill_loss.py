@@ -18,10 +18,11 @@ def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
         x: (B, C, H, W).
 
     Returns:
-        (B, C, H, W), float32.
+        (B, C, H, W), float32 for 16-bit inputs, else the input's dtype.
     """
     with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
         return (x - mean) * (var + eps).rsqrt()
 
