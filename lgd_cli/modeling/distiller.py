@@ -15,7 +15,6 @@ from detectron2.config import configurable  # noqa: E402
 from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector  # noqa: E402
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
-from detectron2.utils.events import get_event_storage  # noqa: E402
 
 from lgd_cli.errors import ConfigError  # noqa: E402
 from lgd_cli.modeling.lgd import DistillationLoss, pack_objects  # noqa: E402
@@ -131,15 +130,13 @@ class LGDDistiller(nn.Module):
         images, features = self.seams.extract(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         targets = self.seams.new_targets()
-        losses = self.seams.losses(images, features, gt_instances, targets)
         teacher_maps, has_objects = self._teacher_maps(images, features, gt_instances)
         # A batch without a single box has nothing to teach: keep the graph (every
         # parameter still gets a gradient, as DDP requires) but let it contribute zero.
         weight = has_objects.to(features[0].dtype)
-        # The heads log statistics (positive anchors, ROI samples): the teacher pass's go
-        # under "teacher/" instead of overwriting the student's.
-        with get_event_storage().name_scope("teacher"):
-            teacher_losses = self.seams.losses(images, teacher_maps, gt_instances, targets)
+        # One head call for both passes where that is exact (dense heads); the teacher's logs go under "teacher/".
+        losses, teacher_losses = self.seams.student_and_teacher_losses(images, features, teacher_maps, gt_instances,
+                                                                       targets)
         losses.update({f"{k}.tea": v * weight for k, v in teacher_losses.items()})
         losses["loss_distill"] = weight * self.distill_loss(
             features, teacher_maps, detach_student=not self.distill_active)

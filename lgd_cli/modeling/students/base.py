@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 
 
 class StudentSeams:
@@ -34,3 +35,15 @@ class StudentSeams:
         images = self.detector.preprocess_image(batched_inputs)
         features = self.detector.backbone(images.tensor)
         return images, [features[f] for f in self.in_features]
+
+    def student_and_teacher_losses(self, images: ImageList, features: list[Tensor], teacher_maps: list[Tensor],
+                                   gt_instances, targets) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """`losses` on the student's maps, then on the teacher's (same targets).
+
+        The heads log statistics (positive anchors, ROI samples): the teacher pass's go under
+        "teacher/" instead of overwriting the student's.
+        """
+        student = self.losses(images, features, gt_instances, targets)
+        with get_event_storage().name_scope("teacher"):
+            teacher = self.losses(images, teacher_maps, gt_instances, targets)
+        return student, teacher
