@@ -175,6 +175,11 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "lgd": lgd_cli.__version__,
            "cuda": torch.version.cuda, "gpu": None}
+    try:  # which code the numbers are of
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
