@@ -141,14 +141,21 @@ class GracefulStopHook(HookBase):
     def before_train(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        if hasattr(self.trainer, "stop_signal_source"):  # LGDTrainer reduces it with the loss values
+            self.trainer.stop_signal_source = lambda: self.received or 0
 
     def after_step(self):
         received = self.received or 0
         if comm.get_world_size() > 1:
-            # Every process stops at the same iteration (the signal may reach only one).
-            flag = torch.tensor([received], dtype=torch.int64, device=collective_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            received = int(flag.item())
+            # Every process stops at the same iteration (the signal may reach only one): the
+            # maximum over the processes, from the step's own all-reduce where the trainer made one
+            # (a signal that came after it is seen at the next step, by every process alike).
+            if hasattr(self.trainer, "stop_signal_all"):
+                received = self.trainer.stop_signal_all
+            else:
+                flag = torch.tensor([received], dtype=torch.int64, device=collective_device())
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                received = int(flag.item())
         if not received:
             return
         name = f"model_{self.trainer.iter:07d}"

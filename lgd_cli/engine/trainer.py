@@ -87,6 +87,11 @@ class LGDTrainer(TrainerBase):
         self.amp = amp or MixedPrecision()
         self.amp_skipped = 0  # batches skipped for an fp16 gradient overflow, over the whole run
         self._rank_states = None  # (iteration, [resume state of each rank]) from gather_resume_state
+        # Signal number a stop was asked with in this process (GracefulStopHook sets the source), and
+        # its maximum over all processes as of this step: reduced with the loss values, in the same
+        # all-reduce, so the hook needs no collective (and no host sync) of its own.
+        self.stop_signal_source = lambda: 0
+        self.stop_signal_all = 0
 
     def run_step(self):
         consecutive_overflows = 0
@@ -149,17 +154,20 @@ class LGDTrainer(TrainerBase):
         self.amp.update()
 
     def _fetch(self, values: torch.Tensor, overflow: torch.Tensor | None) -> tuple[list[float], bool, bool]:
-        """(loss values, any non-finite, fp16 overflow): the step's one device-to-host copy.
+        """(loss values, any non-finite, fp16 overflow): the step's one device-to-host copy (and, with
+        several processes, its one all-reduce, which also carries the stop signal).
 
         The decisions are the same in every process, which all skip or stop together (or the
         others would hang in the next all-reduce).
         """
         flags = torch.stack([(~torch.isfinite(values)).any().float(),
-                             overflow.float().to(values.device) if overflow is not None else values.new_zeros(())])
+                             overflow.float().to(values.device) if overflow is not None else values.new_zeros(()),
+                             values.new_full((), float(self.stop_signal_source()))])
         if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(flags)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         host = torch.cat([values, flags]).tolist()
-        return host[:-2], host[-2] > 0, host[-1] > 0
+        self.stop_signal_all = int(host[-1])
+        return host[:-3], host[-3] > 0, host[-2] > 0
 
     def _nonfinite_terms(self, loss_dict: dict, host_values: list[float]) -> list[str]:
         """'name (group) = value' of each non-finite term of this process."""
