@@ -1,8 +1,10 @@
 """`lgd benchmark`: what LGD costs over the plain detector, measured on the same model, data and batch.
 
 Each arm (baseline, LGD) runs in its own fresh process so that its peak memory is its own
-(process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). Times are medians over the
-timed steps after warm-up; FLOPs come from torch.utils.flop_counter on one training step.
+(process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU). A step is `lgd train`'s own
+(LGDTrainer.run_step: mixed precision per SOLVER.AMP, the metrics it writes, its host syncs).
+Times are medians over the timed steps after warm-up; FLOPs come from torch.utils.flop_counter
+on one training step.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from lgd_cli.engine.amp import MixedPrecision  # noqa: E402
 from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
 from lgd_cli.engine.train import build_lgd_model, register_datasets  # noqa: E402
+from lgd_cli.engine.trainer import LGDTrainer  # noqa: E402
 from lgd_cli.errors import LgdError  # noqa: E402
 
 
@@ -52,7 +56,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool, export: bool = False) -> dict:
+def precision_name(cfg) -> str:
+    return cfg.SOLVER.AMP.DTYPE.lower() if cfg.SOLVER.AMP.ENABLED else "fp32"
+
+
+def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool, export: bool = False,
+                 inference: bool = True) -> dict:
     """One arm in the current process: step times, peak memory, parameters, FLOPs, (profile)."""
     cfg = _arm_config(cfg, lgd)
     seed_all_rng(0)
@@ -63,20 +72,14 @@ def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool, export:
     # The same batches, in the same order, for both arms.
     batches = list(itertools.islice(iter(build_detection_train_loader(cfg)), 4))
 
-    def step(batch):
-        losses = model(batch)
-        total = sum(losses.values())
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        total.backward()
-        for opt in optimizers.values():
-            opt.step()
+    trainer = LGDTrainer(model, itertools.cycle(batches), optimizers, model.frozen_backbone_parameters(),
+                         amp=MixedPrecision.from_config(cfg))
 
-    with EventStorage(0):
-        cycle = itertools.cycle(batches)
-        seconds = _median_seconds(lambda: step(next(cycle)), iters, warmup, device)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        seconds = _median_seconds(trainer.run_step, iters, warmup, device)
         with FlopCounterMode(display=False) as counter:
-            step(batches[0])
+            trainer.run_step()
         result = {
             "s_per_iter": seconds,
             "images_per_s": cfg.SOLVER.IMS_PER_BATCH / seconds,
@@ -91,10 +94,10 @@ def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool, export:
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with torch_profile(activities=activities, record_shapes=False) as prof:
-                for batch in batches[:2]:
-                    step(batch)
+                for _ in range(2):
+                    trainer.run_step()
             result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    if not lgd:
+    if not lgd and inference:
         model.eval()
         image = batches[0][0]["image"].to(device).float()
         with torch.no_grad():
@@ -137,13 +140,19 @@ def _median_seconds(fn, iters: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _arm_in_child(queue, cfg, lgd, iters, warmup, profile, export):
+def _arm_in_child(queue, cfg, lgd, iters, warmup, profile, export, inference=True):
     _compat.fork_data_workers()
     try:
-        queue.put(("ok", _measure_arm(cfg, lgd, iters, warmup, profile, export)))
+        queue.put(("ok", _measure_arm(cfg, lgd, iters, warmup, profile, export, inference)))
     except BaseException as exc:  # reported by the parent, which would otherwise wait forever
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
         raise
+
+
+def run_arm(name: str, cfg, lgd: bool, iters: int, warmup: int, *, profile: bool = False, export: bool = False,
+            inference: bool = True) -> dict:
+    """One arm (`lgd` or the baseline) measured in a fresh process (so that its peak memory is its own)."""
+    return _run_arm(mp.get_context("spawn"), name, cfg, lgd, iters, warmup, profile, export, inference)
 
 
 def _run_arm(ctx, name: str, *args) -> dict:
@@ -179,6 +188,7 @@ def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = Fals
         "preset": cfg.LGD.PRESET,
         "device": cfg.MODEL.DEVICE,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "precision": precision_name(cfg),
         "iters": iters,
         "warmup": warmup,
         "train": {
@@ -220,7 +230,8 @@ def render(result: dict, json_path=None) -> None:
         ["train GFLOPs/step", f["baseline_train_gflops"], f["lgd_train_gflops"], f["lgd_over_baseline"]],
         ["peak memory MB", m["baseline_peak_mb"], m["lgd_peak_mb"], m["lgd_over_baseline"]],
     ]
-    title = f"lgd benchmark: {result['preset']} on {result['device']}, batch {result['batch']}, median of {result['iters']} steps"
+    title = (f"lgd benchmark: {result['preset']} on {result['device']}, batch {result['batch']}, "
+             f"{result.get('precision', 'fp32')}, median of {result['iters']} steps")
     console.print(table(title, ["", "baseline", "LGD", "LGD / baseline"], rows))
     console.print(table("model", ["", "value"], [
         ["student parameters (deployed)", result["params"]["student"]],

@@ -249,16 +249,21 @@ def benchmark(
     overrides: Optional[List[str]] = SET_OPTION,
     iters: int = typer.Option(20, "--iters", min=1, help="Timed training steps per arm (after warm-up)."),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed steps first."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step (SOLVER.IMS_PER_BATCH). Default: the preset's."),
     device: Optional[str] = DEVICE_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     profile: bool = typer.Option(False, "--profile", help="Add a torch.profiler table of the LGD and baseline steps."),
     export: bool = typer.Option(False, "--export", help="Also time the student's TorchScript and ONNX exports (CPU)."),
 ) -> None:
-    """Measure LGD against the plain detector: step time, FLOPs, peak memory, parameters, inference latency."""
+    """Measure LGD against the plain detector: step time, FLOPs, peak memory, parameters, inference latency.
+
+    Mixed precision: --set SOLVER.AMP.ENABLED=True (SOLVER.AMP.DTYPE bfloat16 or float16).
+    """
     from lgd_cli.benchmark import render, run_benchmark
     from lgd_cli.config.build import build_config
 
-    cfg = build_config(preset, list(overrides or []), device=device)
+    pairs = [f"SOLVER.IMS_PER_BATCH={batch_size}"] if batch_size is not None else []
+    cfg = build_config(preset, pairs + list(overrides or []), device=device)
     render(run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export), json_path)
 
 

@@ -13,6 +13,7 @@ REQUIRED = ["train.baseline_s_per_iter", "train.lgd_s_per_iter", "train.lgd_over
 def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
     cfg = build_config("demo", tiny_overrides, device="cpu")
     result = run_benchmark(cfg, iters=2, warmup=1, export=True)
+    assert result["precision"] == "fp32"
     for dotted in REQUIRED:
         section, key = dotted.split(".")
         assert result[section][key] > 0, dotted
@@ -22,3 +23,16 @@ def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
     assert result["params"]["lgd_only"] > 0 and result["params"]["student"] > result["params"]["lgd_only"] / 10
     assert result["train"]["lgd_over_baseline"] == pytest.approx(
         result["train"]["lgd_s_per_iter"] / result["train"]["baseline_s_per_iter"])
+
+
+def test_batch_size_option_sets_the_images_per_step(monkeypatch, lgd_cli_run, tiny_overrides):
+    import lgd_cli.benchmark as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_benchmark", lambda cfg, **kwargs: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(bench, "render", lambda *args: None)
+    # (named options come before --set pairs, which win: leave the fixture's batch size out)
+    sets = [x for pair in tiny_overrides if not pair.startswith("SOLVER.IMS_PER_BATCH") for x in ("--set", pair)]
+    assert lgd_cli_run("benchmark", "--batch-size", "3", "--device", "cpu", *sets,
+                       "--set", "SOLVER.AMP.ENABLED=True") == 0
+    assert seen["cfg"].SOLVER.IMS_PER_BATCH == 3 and bench.precision_name(seen["cfg"]) == "bfloat16"

@@ -152,7 +152,12 @@ def _check(cfg: CfgNode) -> None:
         if solver.OPTIMIZER.upper() not in ("SGD", "ADAMW"):
             raise ConfigError(f"MODEL.DISTILLATOR.{block}.SOLVER.OPTIMIZER must be SGD or AdamW, not {solver.OPTIMIZER}")
         if solver.AMP.ENABLED:
-            raise ConfigError(f"MODEL.DISTILLATOR.{block}.SOLVER.AMP.ENABLED is not supported by lgd")
+            raise ConfigError(f"MODEL.DISTILLATOR.{block}.SOLVER.AMP.ENABLED is not read by lgd (key parity only)",
+                              hint="mixed precision of both optimisers is SOLVER.AMP.ENABLED=True (SOLVER.AMP.DTYPE)")
+    from lgd_cli.engine.amp import DTYPES
+
+    if cfg.SOLVER.AMP.DTYPE.lower() not in DTYPES:
+        raise ConfigError(f"SOLVER.AMP.DTYPE must be bfloat16 or float16, not '{cfg.SOLVER.AMP.DTYPE}'")
     if d.TEACHER.INTERACT_PATTERN not in ("stuGuided", "labelGuided", "student_fill", "teacher_fill"):
         raise ConfigError(f"unknown MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN '{d.TEACHER.INTERACT_PATTERN}'",
                           hint="one of stuGuided, labelGuided, student_fill, teacher_fill")

@@ -18,7 +18,8 @@ def _solver_block(base_lr: float) -> CN:
     block.WARMUP_FACTOR = 1e-3
     block.WARMUP_ITERS = 1000
     block.WARMUP_METHOD = "linear"
-    block.AMP = CN({"ENABLED": False})  # kept for key parity with the reference; must stay False
+    # Kept for key parity with the reference; must stay False (mixed precision is SOLVER.AMP, for both).
+    block.AMP = CN({"ENABLED": False})
     return block
 
 
@@ -62,6 +63,7 @@ def _add_swint_config(cfg: CN) -> None:
     s.MLP_RATIO = 4
     s.DROP_PATH_RATE = 0.2
     s.APE = False  # absolute position embedding: off in every row (and not supported)
+    s.USE_CHECKPOINT = False  # activation checkpointing per Swin block: less memory, one more forward
 
 
 def add_lgd_config(cfg: CN) -> None:
@@ -119,6 +121,10 @@ def add_lgd_config(cfg: CN) -> None:
 
     d.STUDENT = CN()
     d.STUDENT.SOLVER = _solver_block(0.01)  # detector + distillation adapter
+
+    # Mixed precision of both optimisers' step: detectron2's SOLVER.AMP.ENABLED, plus its dtype:
+    # "bfloat16" (fp32's range, no loss scaling) or "float16" (one GradScaler for the two optimisers).
+    cfg.SOLVER.AMP.DTYPE = "bfloat16"
 
     lgd = cfg.LGD = CN()
     lgd.PRESET = ""  # name of the preset this config came from (recorded in checkpoints)

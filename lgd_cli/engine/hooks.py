@@ -13,6 +13,13 @@ from lgd_cli.console import training_progress
 from lgd_cli.errors import LgdError
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for an all-reduce must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def distillation_active(iteration: int, pre: int, post: int, max_iter: int) -> bool:
     """The reference's rule: distillation is off while iter < PRE or iter > MAX_ITER - POST."""
     return not (iteration < pre or iteration > max_iter - post)
@@ -134,14 +141,21 @@ class GracefulStopHook(HookBase):
     def before_train(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        if hasattr(self.trainer, "stop_signal_source"):  # LGDTrainer reduces it with the loss values
+            self.trainer.stop_signal_source = lambda: self.received or 0
 
     def after_step(self):
         received = self.received or 0
         if comm.get_world_size() > 1:
-            # Every process stops at the same iteration (the signal may reach only one).
-            flag = torch.tensor([received], dtype=torch.int64)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            received = int(flag.item())
+            # Every process stops at the same iteration (the signal may reach only one): the
+            # maximum over the processes, from the step's own all-reduce where the trainer made one
+            # (a signal that came after it is seen at the next step, by every process alike).
+            if hasattr(self.trainer, "stop_signal_all"):
+                received = self.trainer.stop_signal_all
+            else:
+                flag = torch.tensor([received], dtype=torch.int64, device=collective_device())
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                received = int(flag.item())
         if not received:
             return
         name = f"model_{self.trainer.iter:07d}"

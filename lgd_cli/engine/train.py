@@ -22,6 +22,7 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter  # noqa: E402
 from lgd_cli.config.build import TRAIN_DATASET, VAL_DATASET  # noqa: E402
 from lgd_cli.data.datasets import register_coco_json  # noqa: E402
 from lgd_cli.data.loader import build_train_loader  # noqa: E402
+from lgd_cli.engine.amp import MixedPrecision  # noqa: E402
 from lgd_cli.engine.checkpoint import LgdCheckpointer  # noqa: E402
 from lgd_cli.files import atomic_write_bytes, repair_json_lines  # noqa: E402
 from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdScheduleHook, RichProgressHook  # noqa: E402
@@ -219,7 +220,8 @@ def _train_worker(cfg, output: str, resume: bool) -> dict | None:
             model, device_ids=[comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None,
             broadcast_buffers=False)
     trainer = LGDTrainer(train_model, build_train_loader(cfg, skip_bad_images=cfg.LGD.DATA.SKIP_BAD_IMAGES),
-                         optimizers, model.frozen_backbone_parameters(), skip_nonfinite=cfg.LGD.SKIP_NONFINITE)
+                         optimizers, model.frozen_backbone_parameters(), skip_nonfinite=cfg.LGD.SKIP_NONFINITE,
+                         amp=MixedPrecision.from_config(cfg))
     checkpointer = LgdCheckpointer(model, output, cfg, trainer=trainer)
     trainer.checkpointer = checkpointer  # named in error messages (the newest complete checkpoint)
     trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output))
@@ -259,6 +261,7 @@ def _train_worker(cfg, output: str, resume: bool) -> dict | None:
             "total_loss": histories["total_loss"].median(20) if "total_loss" in histories else None,
             "skipped_images": len(trainer.data_loader.skipped),
             "nonfinite_skipped": trainer.nonfinite_skipped,
+            "amp_skipped": trainer.amp_skipped,
         }
         atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         return summary

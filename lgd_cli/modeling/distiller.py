@@ -5,10 +5,6 @@ student alone, so exported models and their cost are those of the plain detector
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
-import torch
 from torch import Tensor, nn
 
 from lgd_cli.compat import detectron2 as _compat
@@ -44,20 +40,6 @@ def student_seams(student: nn.Module, loss_normalizer: str = "reference") -> Den
 
 
 DISTILL_GATES = ("always", "teacher_better")
-
-
-@contextlib.contextmanager
-def parameters_as_constants(modules: list[nn.Module]) -> Iterator[None]:
-    """Within the block, `modules` compute as usual and pass gradients to their inputs, but
-    their own parameters collect none (autograd records them as constants)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @META_ARCH_REGISTRY.register()
@@ -184,21 +166,17 @@ class LGDDistiller(nn.Module):
         images, features = self.seams.extract(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         targets = self.seams.new_targets()
-        losses = self.seams.losses(images, features, gt_instances, targets)
         teacher_maps, has_objects = self._teacher_maps(images, features, gt_instances)
         # A batch without a single box has nothing to teach: keep the graph (every
         # parameter still gets a gradient, as DDP requires) but let it contribute zero.
         weight = has_objects.to(features[0].dtype)
-        # The heads log statistics (positive anchors, ROI samples): the teacher pass's go
-        # under "teacher/" instead of overwriting the student's.
-        head = contextlib.nullcontext() if self.teacher_trains_head else parameters_as_constants(
-            self.seams.head_modules())
-        with get_event_storage().name_scope("teacher"), head:
-            teacher_losses = self.seams.losses(images, teacher_maps, gt_instances, targets)
+        # One head call for both passes where that is exact (dense heads); the teacher's logs go under "teacher/".
+        losses, teacher_losses = self.seams.student_and_teacher_losses(
+            images, features, teacher_maps, gt_instances, targets, teacher_trains_head=self.teacher_trains_head)
         distill_weight = weight
         if self.distill_gate == "teacher_better":
             # A teacher that detects worse than the student on this batch has nothing to pass on.
-            # Compared on the device (no host sync); logged as distill_gate.
+            # Compared on the device; logging it as distill_gate reads it on the host (this gate only).
             better = sum(teacher_losses.values()).detach() < sum(losses.values()).detach()
             distill_weight = weight * better.to(weight.dtype)
             get_event_storage().put_scalar("distill_gate", distill_weight)

@@ -108,6 +108,40 @@ def test_drop_path_is_linear_and_off_in_eval():
     assert not torch.allclose(first, trained)
 
 
+@pytest.mark.parametrize("freeze_at", [0, 2])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(freeze_at):
+    # Drop-path on: the recomputed forward must draw the same per-sample masks.
+    plain = _small_swin(drop_path_rate=0.5, freeze_at=freeze_at).train()
+    checkpointed = _small_swin(drop_path_rate=0.5, freeze_at=freeze_at, use_checkpoint=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 50, 70)
+    calls = []
+    checkpointed.layers[-1].blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    results = []
+    for trunk in (plain, checkpointed):
+        torch.manual_seed(0)
+        inputs = x.clone().requires_grad_()
+        out = trunk(inputs)
+        sum((f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum() for f in out.values()).backward()
+        grads = {n: p.grad for n, p in trunk.named_parameters() if p.grad is not None}
+        results.append((out, grads, inputs.grad))
+    (out_a, grads_a, in_a), (out_b, grads_b, in_b) = results
+    assert len(calls) == 2  # forward, then recomputed in backward: checkpointing is on
+    assert out_a.keys() == out_b.keys() and grads_a.keys() == grads_b.keys() and grads_a
+    for name in out_a:
+        torch.testing.assert_close(out_b[name], out_a[name], rtol=0, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-7, msg=name)
+    torch.testing.assert_close(in_b, in_a, rtol=1e-6, atol=1e-7)
+
+
+def test_use_checkpoint_is_read_from_the_config():
+    cfg = build_config("retinanet-swint-3x", SMALL_SWIN + ["MODEL.SWINT.USE_CHECKPOINT=True"], device="cpu",
+                       resolve_dataset=False)
+    assert all(stage.use_checkpoint for stage in build_backbone(cfg).bottom_up.layers)
+    assert not build_config("retinanet-swint-3x", device="cpu", resolve_dataset=False).MODEL.SWINT.USE_CHECKPOINT
+
+
 # --- DCNv2 and X-101 ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("modulated", [True, False])

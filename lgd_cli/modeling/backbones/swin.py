@@ -21,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
@@ -182,9 +183,10 @@ class SwinStage(nn.Module):
     """`depth` blocks alternating plain and shifted windows, then (except the last stage) a PatchMerging."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float,
-                 drop_paths: list[float], downsample: bool):
+                 drop_paths: list[float], downsample: bool, use_checkpoint: bool = False):
         super().__init__()
         self.window, self.shift = window, window // 2
+        self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(
             SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else self.shift, mlp_ratio, drop_paths[i])
             for i in range(depth))
@@ -198,7 +200,12 @@ class SwinStage(nn.Module):
             w = self.window
             mask = shifted_window_mask(math.ceil(H / w) * w, math.ceil(W / w) * w, w, self.shift, x.device, x.dtype)
         for block in self.blocks:
-            x = block(x, mask)
+            if self.use_checkpoint and torch.is_grad_enabled():
+                # Keep only the block's input; its activations are recomputed in backward, with
+                # the same drop-path draws (the RNG state is replayed).
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
@@ -234,11 +241,14 @@ class SwinTransformer(Backbone):
         out_features: names among stage2.. stage{len(depths)+1}.
         freeze_at: 0 or -1 nothing frozen; 1 the patch embedding; k >= 2 also stages 2..k (as
             detectron2's ResNet: stem, res2, ...). A frozen part gets no gradient and stays in eval mode.
+        use_checkpoint: activation checkpointing per block in training (MODEL.SWINT.USE_CHECKPOINT):
+            the same outputs and gradients for less memory and one more forward of each block.
     """
 
     def __init__(self, *, in_chans: int = 3, embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  window: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.2,
-                 out_features=("stage2", "stage3", "stage4", "stage5"), freeze_at: int = 0, patch: int = 4):
+                 out_features=("stage2", "stage3", "stage4", "stage5"), freeze_at: int = 0, patch: int = 4,
+                 use_checkpoint: bool = False):
         super().__init__()
         names = [f"stage{i + 2}" for i in range(len(depths))]
         assert len(depths) == len(num_heads) and set(out_features) <= set(names), (depths, num_heads, out_features)
@@ -249,7 +259,8 @@ class SwinTransformer(Backbone):
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
             self.layers.append(SwinStage(embed_dim * 2**i, depth, num_heads[i], window, mlp_ratio,
-                                         drop_paths[start:start + depth], downsample=i < len(depths) - 1))
+                                         drop_paths[start:start + depth], downsample=i < len(depths) - 1,
+                                         use_checkpoint=use_checkpoint))
         self._out_features = [n for n in names if n in out_features]
         self._out_feature_channels = {n: embed_dim * 2**i for i, n in enumerate(names) if n in out_features}
         self._out_feature_strides = {n: patch * 2**i for i, n in enumerate(names) if n in out_features}
@@ -324,7 +335,8 @@ def build_swint_backbone(cfg, input_shape: ShapeSpec) -> SwinTransformer:
         raise ConfigError(f"MODEL.SWINT.OUT_FEATURES {list(s.OUT_FEATURES)}: each must be one of {names}")
     return SwinTransformer(in_chans=input_shape.channels, embed_dim=s.EMBED_DIM, depths=depths, num_heads=heads,
                            window=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO, drop_path_rate=s.DROP_PATH_RATE,
-                           out_features=list(s.OUT_FEATURES), freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+                           out_features=list(s.OUT_FEATURES), freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+                           use_checkpoint=s.USE_CHECKPOINT)
 
 
 def _fpn_inputs(cfg, bottom_up: SwinTransformer) -> list[str]:

@@ -11,16 +11,20 @@ def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Per-image, per-channel normalisation over the spatial cells, without affine.
 
     Same as ``nn.InstanceNorm2d(affine=False)``, except that a 1×1 map (p7 of a small
-    image) gives 0 instead of raising.
+    image) gives 0 instead of raising. Always computed in fp32, also inside an autocast region
+    (a bf16 variance over a large map loses the digits the loss compares).
 
     Args:
         x: (B, C, H, W).
 
     Returns:
-        (B, C, H, W).
+        (B, C, H, W), float32 for 16-bit inputs, else the input's dtype.
     """
-    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
-    return (x - mean) * (var + eps).rsqrt()
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        return (x - mean) * (var + eps).rsqrt()
 
 
 class DistillationLoss(nn.Module):
@@ -53,7 +57,8 @@ class DistillationLoss(nn.Module):
                 window), so only the adapter learns from this loss.
 
         Returns:
-            Scalar loss.
+            Scalar loss, float32: under autocast only the adapter's convolutions run in low
+            precision; the norms and the squared error are computed in fp32.
         """
         assert len(student) == len(teacher) > 0
         total, count = 0.0, 0
@@ -64,6 +69,7 @@ class DistillationLoss(nn.Module):
             t = instance_norm(t.detach())
             # Summing per level and dividing once by the element count equals the
             # reference's mean over all levels concatenated per image, without the copy.
-            total = total + (s - t).pow(2).sum()
+            with torch.autocast(s.device.type, enabled=False):
+                total = total + (s - t).pow(2).sum()
             count += s.numel()
         return self.loss_weight * total / max(count, 1)

@@ -77,7 +77,8 @@ class LabelEncoder(nn.Module):
             (B, N, D) with D = 4 + (K or 1) + (49 if use_mask_crops); padding rows are -1.
         """
         H, W = padded_size
-        boxes = (objects.boxes / objects.boxes.new_tensor([W, H, W, H])).clamp(0, 1)
+        scale = torch.tensor([W, H, W, H], dtype=objects.boxes.dtype).to(objects.boxes.device, non_blocking=True)
+        boxes = (objects.boxes / scale).clamp(0, 1)
         real = objects.valid[..., None].to(boxes.dtype)
         if self.category_format == "one_hot":
             # Context and padding (class -1) get the all-zero class vector.

@@ -71,6 +71,11 @@ class ObjectBatch:
         return self.boxes.shape[1]
 
 
+def _on(device, values, dtype) -> Tensor:
+    """A small host constant on `device`, copied without waiting for the stream."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def pack_objects(
     gt_boxes: list[Tensor],
     gt_classes: list[Tensor],
@@ -110,19 +115,21 @@ def pack_objects(
     # 1. Pad the real objects; slots past N_i are padding.
     boxes = pad_sequence([b.reshape(-1, 4).float() for b in gt_boxes], batch_first=True)
     classes = pad_sequence([c.reshape(-1).long() for c in gt_classes], batch_first=True, padding_value=-1)
-    counts = torch.tensor([len(c) for c in gt_classes], device=device)
-    valid = torch.arange(boxes.shape[1], device=device)[None, :] < counts[:, None]
+    # Host values reach the device without a blocking copy (on CUDA, each blocking copy waits for
+    # the whole stream): the padding is where pad_sequence put class -1, and constants are queued.
+    valid = classes >= 0
+    counts = valid.sum(1)
     masks = None
     if gt_masks7 is not None:
         masks = pad_sequence([m.reshape(-1, 7, 7).float() for m in gt_masks7], batch_first=True)
     is_context = torch.zeros_like(valid)
     is_pseudo = torch.zeros_like(valid)
     pseudo_rows = (counts == 0) if empty_image == "reference" else torch.zeros_like(counts, dtype=torch.bool)
-    pseudo_box = boxes.new_tensor(PSEUDO_BOX)
+    pseudo_box = _on(device, PSEUDO_BOX, boxes.dtype)
 
     # 2. lgd's clamp: to each image's own extent, so a box never reaches into the padding.
     if box_clamp == "image":
-        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # (B, 2) = (h, w)
+        sizes = _on(device, image_sizes, boxes.dtype)  # (B, 2) = (h, w)
         limits = sizes.flip(1).repeat(1, 2)[:, None, :]  # (B, 1, 4) = (w, h, w, h)
         boxes = torch.minimum(boxes.clamp(min=0), limits)
 
@@ -130,7 +137,7 @@ def pack_objects(
     #    empty image takes that column (the reference renders an image's last slot as context),
     #    or column 0 without the context box.
     if add_context_box:
-        context_box = boxes.new_tensor([0.0, 0.0, W, H]).expand(B, 1, 4)
+        context_box = _on(device, [0.0, 0.0, W, H], boxes.dtype).expand(B, 1, 4)
         boxes = torch.cat([boxes, context_box], dim=1)
         classes = torch.cat([classes, classes.new_full((B, 1), -1)], dim=1)
         valid = torch.cat([valid, valid.new_zeros(B, 1)], dim=1)
@@ -151,7 +158,7 @@ def pack_objects(
 
     # 4. The reference's clamp: everything, context included, to the last pixel of the canvas.
     if box_clamp == "reference":
-        limits = boxes.new_tensor([W - 1, H - 1, W - 1, H - 1])
+        limits = _on(device, [W - 1, H - 1, W - 1, H - 1], boxes.dtype)
         boxes = torch.minimum(boxes.clamp(min=0), limits)
     return ObjectBatch(boxes=boxes, classes=classes, valid=valid, is_context=is_context, masks=masks,
                        is_pseudo=is_pseudo)

@@ -75,5 +75,10 @@ class RelationAdapter(nn.Module):
         query, memory = (stacked, label) if self.pattern == "stuGuided" else (label, stacked)
         # With N == 0 there is nothing to mask (and torch cannot reshape an empty mask).
         ignore = ignore.repeat(L, 1) if ignore.shape[1] > 0 else None
-        out, _ = self.attention(query, memory, memory, key_padding_mask=ignore, need_weights=False)
+        # In fp32 also under autocast: a few hundred slots cost little, and a low-precision
+        # softmax over them is what would drift.
+        dtype = self.attention.in_proj_weight.dtype
+        with torch.autocast(query.device.type, enabled=False):
+            query, memory = query.to(dtype), memory.to(dtype)
+            out, _ = self.attention(query, memory, memory, key_padding_mask=ignore, need_weights=False)
         return [o * keep for o in out.chunk(L, dim=0)]

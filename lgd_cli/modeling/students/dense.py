@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
 
 from lgd_cli.modeling.students.base import StudentSeams
 
@@ -67,15 +69,16 @@ class DenseStudent(StudentSeams):
         return self.detector.num_classes
 
     def losses(self, images: ImageList, features: list[Tensor], gt_instances: list[Instances],
-               targets: DenseTargets) -> dict[str, Tensor]:
-        """Head + loss on `features`. The first call fills `targets`; later calls reuse them.
+               targets: DenseTargets, predictions=None) -> dict[str, Tensor]:
+        """Head + loss on `features` (or on the head's `predictions` for them). The first call fills
+        `targets`; later calls reuse them.
 
         detectron2's `losses` updates the detector's `loss_normalizer` EMA on every call; with
         the "per_step" rule a later call first restores the value the first call started from.
         Either way the attribute holds the end-of-step state that checkpoints record.
         """
         det = self.detector
-        predictions = det.head(features)
+        predictions = det.head(features) if predictions is None else predictions
         if isinstance(det, RetinaNet):
             dims = [det.num_classes, 4]  # logits, box deltas
         elif isinstance(det, FCOS):
@@ -95,6 +98,27 @@ class DenseStudent(StudentSeams):
             else:
                 del det.loss_normalizer
         return det.losses(targets.anchors, pred_logits, targets.gt_labels, pred_deltas, targets.gt_boxes, *extra)
+
+    def student_and_teacher_losses(self, images: ImageList, features: list[Tensor], teacher_maps: list[Tensor],
+                                   gt_instances: list[Instances], targets: DenseTargets, *,
+                                   teacher_trains_head: bool = True):
+        """Both passes of `losses` with one head call on the student's and teacher's maps stacked.
+
+        Exact where the head treats every image alone (GroupNorm or no norm, as in every preset);
+        a BatchNorm head (statistics over the batch), or a teacher pass that must not train the
+        head, keeps two calls.
+        """
+        head = self.detector.head
+        if not teacher_trains_head or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules()):
+            return super().student_and_teacher_losses(images, features, teacher_maps, gt_instances, targets,
+                                                      teacher_trains_head=teacher_trains_head)
+        B = features[0].shape[0]
+        # Per level (B, C, H, W) + (B, C, H, W) -> (2B, C, H, W); each output list splits back.
+        stacked = head([torch.cat([s, t]) for s, t in zip(features, teacher_maps)])
+        student = self.losses(images, features, gt_instances, targets, [[p[:B] for p in out] for out in stacked])
+        with get_event_storage().name_scope("teacher"):
+            teacher = self.losses(images, teacher_maps, gt_instances, targets, [[p[B:] for p in out] for out in stacked])
+        return student, teacher
 
     def inference(self, images: ImageList, features: list[Tensor], batched_inputs: list[dict]) -> list[dict]:
         """Detections from given maps, post-processed to each input's requested size."""
