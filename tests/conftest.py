@@ -108,6 +108,24 @@ class FillsUp:
         self.f.flush()
 
 
+def two_loss_calls(model, batch):
+    """The student's and a second (teacher) `losses` call of one step, both on the student's maps.
+
+    Returns:
+        (targets, first losses, normaliser after the first, second losses, normaliser after the second).
+    """
+    from detectron2.utils.events import EventStorage
+
+    seams, gt = model.seams, [x["instances"] for x in batch]
+    with EventStorage(0):
+        images, maps = seams.extract(batch)
+        targets = seams.new_targets()
+        first = seams.losses(images, maps, gt, targets)
+        n1 = model.student.loss_normalizer
+        second = seams.losses(images, maps, gt, targets)
+        return targets, first, n1, second, model.student.loss_normalizer
+
+
 def run_cli(*args) -> int:
     """Run `lgd ARGS` through cli.main, as a user would; returns the exit code."""
     from lgd_cli import cli

@@ -7,6 +7,8 @@ from detectron2.utils.events import EventStorage
 from lgd_cli.config.build import build_config
 from lgd_cli.engine.train import build_lgd_model
 
+from conftest import two_loss_calls  # noqa: E402  (tests/ is on sys.path via its conftest)
+
 
 def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -97,16 +99,8 @@ def test_per_step_teacher_pass_leaves_the_loss_normaliser_as_one_pass_would(mode
 
 def test_reference_loss_normaliser_advances_once_per_loss_call(model_factory):
     """Two loss calls in one step, by hand: RetinaNet's EMA starts at 100 with momentum 0.9."""
-    model = model_factory()
-    seams, batch = model.seams, make_batch()
-    gt = [x["instances"] for x in batch]
-    with EventStorage(0):
-        images, maps = seams.extract(batch)
-        targets = seams.new_targets()
-        student = seams.losses(images, maps, gt, targets)
-        after_student = model.student.loss_normalizer
-        teacher = seams.losses(images, maps, gt, targets)  # the teacher pass, here on the same maps
-        after_teacher = model.student.loss_normalizer
+    batch = make_batch()
+    targets, student, after_student, teacher, after_teacher = two_loss_calls(model_factory(), batch)
     labels = torch.stack(targets.gt_labels)
     positives = int(((labels >= 0) & (labels != 3)).sum())
     assert positives > 0

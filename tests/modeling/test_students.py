@@ -12,7 +12,7 @@ from lgd_cli.modeling.lgd import box_cell_masks, level_scales
 from lgd_cli.modeling.students.fcos import FCOS
 from lgd_cli.modeling.students.rcnn import label_map_cells
 
-from conftest import STUDENT_OVERRIDES as DETECTORS  # noqa: E402  (tests/ is on sys.path via its conftest)
+from conftest import STUDENT_OVERRIDES as DETECTORS, two_loss_calls  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 # pycocotools (rasterising polygons) on numpy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -124,15 +124,7 @@ def test_reference_fcos_loss_normaliser_advances_with_each_pass(build):
     """The official rule: each loss call updates the EMA (from 300, momentum 0.9), so the teacher
     pass on the same maps normalises by the second update."""
     model = build("fcos")
-    seams, batch = model.seams, make_batch()
-    gt = [x["instances"] for x in batch]
-    with EventStorage(0):
-        images, maps = seams.extract(batch)
-        targets = seams.new_targets()
-        first = seams.losses(images, maps, gt, targets)
-        n1 = model.student.loss_normalizer
-        second = seams.losses(images, maps, gt, targets)
-        n2 = model.student.loss_normalizer
+    targets, first, n1, second, n2 = two_loss_calls(model, make_batch())
     p = targets_positives(targets)
     assert n1 == pytest.approx(0.9 * 300 + 0.1 * p) and n2 == pytest.approx(0.81 * 300 + 0.19 * p)
     for key in first:
