@@ -144,6 +144,7 @@ def _launch_probe(cfg, output: str, report: str) -> None:
 
 def run_launch(device: str, dry: bool) -> dict:
     """A 1-process launch through lgd's launcher into a real process group (NCCL on CUDA, gloo with --dry-run)."""
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     from lgd_cli.engine import launch as launch_mod
@@ -154,10 +155,12 @@ def run_launch(device: str, dry: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="lgd-gpu-check-") as tmp:
         report = Path(tmp) / "report.json"
         try:
-            # `launch` calls a 1-process job directly; its process-group worker is what N GPUs run.
+            # `launch` calls a 1-process job directly; its process-group worker is what N GPUs run,
+            # meeting on the store a machine's launcher hosts (port 0: a free one).
+            store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
             mp.start_processes(launch_mod._distributed_worker, nprocs=1, start_method="spawn",
-                               args=(_launch_probe, 1, 1, 0, f"tcp://127.0.0.1:{launch_mod._free_port()}",
-                                     use_cuda, tmp, (cfg, str(Path(tmp) / "run"), str(report))))
+                               args=(_launch_probe, "127.0.0.1", store.port, 1, 1, 0, use_cuda, tmp,
+                                     (cfg, str(Path(tmp) / "run"), str(report))))
             result = json.loads(report.read_text())
             result["ok"] = bool(result["all_reduce"] and result["all_gather"])
         except Exception as exc:  # reported, not raised: the other parts' numbers still count
