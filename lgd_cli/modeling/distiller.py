@@ -179,7 +179,8 @@ class LGDDistiller(nn.Module):
             # Compared on the device; logging it as distill_gate reads it on the host (this gate only).
             better = sum(teacher_losses.values()).detach() < sum(losses.values()).detach()
             distill_weight = weight * better.to(weight.dtype)
-            get_event_storage().put_scalar("distill_gate", distill_weight)
+            # Unsmoothed (a 0/1 median says little): the mean of the logged values is the share distilled.
+            get_event_storage().put_scalar("distill_gate", distill_weight, smoothing_hint=False)
         losses.update({f"{k}.tea": v * weight for k, v in teacher_losses.items()})
         losses["loss_distill"] = distill_weight * self.distill_loss(
             features, teacher_maps, detach_student=not self.distill_active)
