@@ -294,6 +294,11 @@ def _run(job: Rendezvous, worker, num_processes: int, use_cuda: bool, args: tupl
             index = exc.error_index
             error = _raised_error(Path(records), index, str(exc), who(index))
             foreign = not (Path(records) / f"{index}.json").is_file()
+            # A process that lost a peer of this machine in a collective fails too, sometimes first:
+            # the peer's own record says why.
+            cause = next((i for i in range(num_processes) if (Path(records) / f"{i}.json").is_file()), None)
+            if foreign and cause is not None:
+                error, foreign = _raised_error(Path(records), cause, "", who(cause)), False
         except mp.ProcessExitedException as exc:
             error, foreign = _exited_error(exc.error_index, exc.exit_code, who(exc.error_index)), False
         else:
