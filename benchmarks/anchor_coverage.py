@@ -29,7 +29,7 @@ from detectron2.modeling.anchor_generator import DefaultAnchorGenerator, build_a
 from detectron2.structures import BoxMode, Boxes, pairwise_iou  # noqa: E402
 
 from lgd_cli.config.build import build_config  # noqa: E402
-from lgd_cli.engine.train import register_datasets  # noqa: E402
+from lgd_cli.data.datasets import register_config_datasets  # noqa: E402
 
 
 def coverage(cfg, scales: list[float]) -> list[tuple[str, float, float, float]]:
@@ -76,7 +76,7 @@ def main() -> None:
     cfg = build_config(args.preset, device="cpu")
     if cfg.MODEL.META_ARCHITECTURE != "RetinaNet":
         raise SystemExit(f"{args.preset}: anchor coverage is measured for RetinaNet presets only")
-    register_datasets(cfg, splits=("train",))
+    register_config_datasets(cfg, splits=("train",))
     threshold = cfg.MODEL.RETINANET.IOU_THRESHOLDS[-1]
     print(f"{args.preset}: anchors vs training boxes (foreground IoU >= {threshold})")
     print(f"{'anchors':<14} {'mean best IoU':>13} {'boxes w/o fg anchor':>20} {'fg anchors/box':>15}")

@@ -64,7 +64,7 @@ def run_tests(timeout: int) -> dict:
 
 def run_retinanet(device: str, iters: int, warmup: int, dry: bool) -> dict:
     """Baseline and LGD of retinanet-r50-2x's model (demo's small RetinaNet with --dry-run), fp32 and bf16."""
-    from lgd_cli.benchmark import run_arm
+    from lgd_cli.engine.benchmark import run_arm
 
     preset, pairs = ("demo", DRY) if dry else ("retinanet-r50-2x", R50)
     rows = {}
@@ -82,7 +82,7 @@ def run_retinanet(device: str, iters: int, warmup: int, dry: bool) -> dict:
 
 def run_swin(device: str, iters: int, warmup: int, dry: bool) -> dict:
     """LGD on retinanet-swint-3x's model, with and without activation checkpointing: peak memory."""
-    from lgd_cli.benchmark import run_arm
+    from lgd_cli.engine.benchmark import run_arm
 
     pairs = (DRY + DRY_SWIN) if dry else R50
     out = {}
@@ -101,13 +101,15 @@ def _launch_probe(cfg, output: str, report: str) -> None:
     from detectron2.utils import comm
     from detectron2.utils.events import EventStorage
 
-    from lgd_cli.benchmark import _arm_config
+    from lgd_cli.engine.benchmark import _arm_config
+    from lgd_cli.data.datasets import register_config_datasets
     from lgd_cli.data.loader import build_train_loader
     from lgd_cli.engine import train as engine_train
     from lgd_cli.engine.amp import MixedPrecision
     from lgd_cli.engine.hooks import collective_device
     from lgd_cli.engine.optimizers import build_optimizers
     from lgd_cli.engine.trainer import LGDTrainer
+    from lgd_cli.modeling.distiller import build_distiller
 
     result = {"backend": dist.get_backend(), "world_size": comm.get_world_size(), "rank": comm.get_rank()}
     # GracefulStopHook's and the trainer's all-reduces, on the device the backend reduces on.
@@ -118,8 +120,8 @@ def _launch_probe(cfg, output: str, report: str) -> None:
     result["all_gather"] = comm.all_gather({"rank": comm.get_rank()}) == [{"rank": 0}]
     # One DDP-wrapped LGD step, as `lgd train --gpus N` wraps it.
     cfg = _arm_config(cfg, True)
-    engine_train.register_datasets(cfg, splits=("train",))
-    model = engine_train.build_lgd_model(cfg)
+    register_config_datasets(cfg, splits=("train",))
+    model = build_distiller(cfg)
     optimizers, _ = build_optimizers(cfg, model)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None,

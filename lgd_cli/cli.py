@@ -4,6 +4,7 @@ Heavy imports (torch, detectron2) happen inside the commands so that `lgd --help
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from lgd_cli import __version__
+from lgd_cli import __version__, render
 from lgd_cli.console import console, print_error
 from lgd_cli.errors import LgdError
 
@@ -156,7 +157,7 @@ def evaluate(
     results = engine_eval.evaluate_checkpoint(
         checkpoint, overrides=list(overrides or []), data=tuple(data) if data else None,
         eval_teacher=eval_teacher, output=output, device=device)
-    engine_eval.render(results)
+    render.evaluation(results)
 
 
 @app.command()
@@ -214,7 +215,7 @@ def convert_swin_weights(
     """Convert Swin ImageNet weights into a MODEL.WEIGHTS file for lgd's Swin backbone."""
     from lgd_cli.modeling.backbones import swin_convert
 
-    swin_convert.render(swin_convert.convert_swin_weights(source, target, force=force))
+    render.swin_conversion(swin_convert.convert_swin_weights(source, target, force=force))
 
 
 @app.command()
@@ -226,7 +227,7 @@ def export(
     """Export the student detector alone (no LGD modules) to TorchScript or ONNX, and verify it."""
     from lgd_cli import export as engine_export
 
-    engine_export.render(engine_export.export_checkpoint(checkpoint, format, output))
+    render.export(engine_export.export_checkpoint(checkpoint, format, output))
 
 
 @app.command()
@@ -238,9 +239,9 @@ def predict(
     device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Detect objects in images with a checkpoint's student: drawn PNGs and COCO-format detections."""
-    from lgd_cli import predict as engine_predict
+    from lgd_cli.engine import predict as engine_predict
 
-    engine_predict.render(engine_predict.predict(checkpoint, images, output, score_thresh=score_thresh, device=device))
+    render.predictions(engine_predict.predict(checkpoint, images, output, score_thresh=score_thresh, device=device))
 
 
 @app.command()
@@ -259,12 +260,17 @@ def benchmark(
 
     Mixed precision: --set SOLVER.AMP.ENABLED=True (SOLVER.AMP.DTYPE bfloat16 or float16).
     """
-    from lgd_cli.benchmark import render, run_benchmark
+    from lgd_cli.engine.benchmark import run_benchmark
+    from lgd_cli.files import atomic_write_bytes
     from lgd_cli.config.build import build_config
 
     pairs = [f"SOLVER.IMS_PER_BATCH={batch_size}"] if batch_size is not None else []
     cfg = build_config(preset, pairs + list(overrides or []), device=device)
-    render(run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export), json_path)
+    result = run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export)
+    render.benchmark(result)
+    if json_path is not None:
+        atomic_write_bytes(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        console.print(f"written to {json_path}")
 
 
 @app.command()
@@ -291,7 +297,6 @@ def compare(
     Example: `lgd compare --preset demo --seeds 3 --output output/compare-demo`.
     """
     from lgd_cli.compare.experiment import run_comparison
-    from lgd_cli.compare.report import render
     from lgd_cli.compare.runner import make_settings
     from lgd_cli.compare.stats import METHODS
 
@@ -304,7 +309,7 @@ def compare(
     if output is None:
         output = Path("output") / f"compare-{Path(settings.preset_file).stem}"
     report = run_comparison(settings, output, jobs=jobs, resume=resume)
-    render(report)
+    render.comparison(report)
     if report["failed"]:
         raise LgdError(f"{len(report['failed'])} of {2 * seeds} runs failed: "
                        + "; ".join(f"{f['run']}: {f['error']}" for f in report["failed"]),

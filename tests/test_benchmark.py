@@ -1,7 +1,7 @@
 """`lgd benchmark` measures both arms and writes every key with sane values."""
 import pytest
 
-from lgd_cli.benchmark import run_benchmark
+from lgd_cli.engine.benchmark import run_benchmark
 from lgd_cli.config.build import build_config
 
 REQUIRED = ["train.baseline_s_per_iter", "train.lgd_s_per_iter", "train.lgd_over_baseline",
@@ -26,11 +26,11 @@ def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
 
 
 def test_batch_size_option_sets_the_images_per_step(monkeypatch, lgd_cli_run, tiny_overrides):
-    import lgd_cli.benchmark as bench
+    import lgd_cli.engine.benchmark as bench
 
     seen = {}
     monkeypatch.setattr(bench, "run_benchmark", lambda cfg, **kwargs: seen.setdefault("cfg", cfg))
-    monkeypatch.setattr(bench, "render", lambda *args: None)
+    monkeypatch.setattr("lgd_cli.render.benchmark", lambda *args: None)
     # (named options come before --set pairs, which win: leave the fixture's batch size out)
     sets = [x for pair in tiny_overrides if not pair.startswith("SOLVER.IMS_PER_BATCH") for x in ("--set", pair)]
     assert lgd_cli_run("benchmark", "--batch-size", "3", "--device", "cpu", *sets,

@@ -8,7 +8,8 @@ import torch
 from lgd_cli.config.build import build_config
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.engine.train import build_lgd_model, train
+from lgd_cli.engine.train import train
+from lgd_cli.modeling.distiller import build_distiller
 from lgd_cli.engine.trainer import LGDTrainer
 
 pytestmark = [pytest.mark.cuda,
@@ -26,7 +27,7 @@ def test_training_steps_on_cuda(tiny_overrides, precision):
 
     cfg = build_config("demo", tiny_overrides + SIZE128 + PRECISION[precision], device="cuda")
     torch.manual_seed(0)
-    model = build_lgd_model(cfg)
+    model = build_distiller(cfg)
     assert next(model.parameters()).is_cuda
     optimizers, _ = build_optimizers(cfg, model)
     batches = itertools.cycle([make_batch(seed=i, size=128) for i in range(2)])

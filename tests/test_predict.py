@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lgd_cli import predict as engine_predict
+from lgd_cli.engine import predict as engine_predict
 from lgd_cli.errors import DataError
 
 from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
@@ -88,7 +88,7 @@ def test_cli_predict_bad_input(args, message, code, capsys):
 def test_cli_predict_hands_the_engine_its_arguments(monkeypatch):
     seen = []
     monkeypatch.setattr(engine_predict, "predict", lambda *args, **kwargs: seen.append((args, kwargs)) or "result")
-    monkeypatch.setattr(engine_predict, "render", lambda result: seen.append(result))
+    monkeypatch.setattr("lgd_cli.render.predictions", lambda result: seen.append(result))
     assert run_cli("predict", "ckpt.pth", "a.jpg", "b.png", "--score-thresh", "0.25") == 0
     assert seen == [((Path("ckpt.pth"), [Path("a.jpg"), Path("b.png")], Path("predictions")),
                      {"score_thresh": 0.25, "device": None}), "result"]

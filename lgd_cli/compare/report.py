@@ -171,13 +171,13 @@ def cost_rows(report: dict) -> list[list[str]]:
              _num(ratio["peak_mb"], ".2f") + "x" if ratio["peak_mb"] else "n/a"]]
 
 
-def _title(report: dict) -> str:
+def report_title(report: dict) -> str:
     s = report["settings"]
     return (f"lgd compare: {Path(s['preset']).stem}, {s['iters']} iterations, seeds 0..{s['seeds'] - 1}, "
             f"{len(report['paired_seeds'])} paired")
 
 
-def _interval_line(report: dict) -> str:
+def interval_line(report: dict) -> str:
     return (f"interval: 95% {report['interval']['name']} over {len(report['paired_seeds'])} paired seeds "
             f"(seed s of both arms: same data order, augmentation and initial student weights)")
 
@@ -190,9 +190,9 @@ def markdown(report: dict, plots: list[str], plots_skipped: str | None) -> str:
         return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
     s = report["settings"]
-    parts = [f"# {_title(report)}", ""]
+    parts = [f"# {report_title(report)}", ""]
     parts += [f"**{report['verdict'] or NO_VERDICT}** "
-              f"({report['verdict_metric']}).", "", _interval_line(report) + ".", ""]
+              f"({report['verdict_metric']}).", "", interval_line(report) + ".", ""]
     if not report["complete"]:
         parts += ["**Incomplete**: " + ", ".join(f["run"] for f in report["failed"])
                   + " failed (see compare.log in their folders); re-run with `--resume`.", ""]
@@ -209,25 +209,3 @@ def markdown(report: dict, plots: list[str], plots_skipped: str | None) -> str:
         parts += [f"Plots skipped: {plots_skipped}.", ""]
     parts += ["## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]
     return "\n".join(parts)
-
-
-def render(report: dict) -> None:
-    """Print the comparison as rich tables plus the verdict."""
-    from lgd_cli.console import console, table
-
-    console.print(table(_title(report), ["metric", ARM_NAMES["baseline"], ARM_NAMES["lgd"],
-                                         "LGD − baseline [95%]"], summary_rows(report)))
-    console.print(table("training cost", ["", ARM_NAMES["baseline"], ARM_NAMES["lgd"], "LGD / baseline"],
-                        cost_rows(report)))
-    # The terminal gets the headline metrics per run; compare.md has them all.
-    short = ("AP", "AP50", "AP75")
-    console.print(table("runs", run_columns(report, short), run_rows(report, short)))
-    console.print(_interval_line(report), highlight=False, soft_wrap=True)
-    for text in report["notes"].values():
-        console.print(f"note: {text}", highlight=False, soft_wrap=True)
-    console.print(f"[bold]verdict:[/] {report['verdict'] or NO_VERDICT}", highlight=False,
-                  soft_wrap=True)
-    if report.get("plots_skipped"):
-        console.print(f"plots skipped: {report['plots_skipped']}", highlight=False, soft_wrap=True)
-    for name in ("compare.json", "compare.md", *report.get("plots", [])):
-        console.print(f"wrote {Path(report['output']) / Path(name).name}", highlight=False, soft_wrap=True)

@@ -6,20 +6,15 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from lgd_cli.compat import detectron2 as _compat
+from detectron2.config import CfgNode, get_cfg
 
-_compat.apply()
+from lgd_cli.config.defaults import add_lgd_config
+from lgd_cli.data.datasets import TRAIN_DATASET, VAL_DATASET
+from lgd_cli.config.presets import resolve_preset
+from lgd_cli.errors import ConfigError
+from lgd_cli.modeling.lgd import BOX_CLAMPS, CELL_MAPPINGS, EMPTY_IMAGE_RULES
+from lgd_cli.modeling.students.dense import LOSS_NORMALIZER_RULES
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
-
-from lgd_cli.config.defaults import add_lgd_config  # noqa: E402
-from lgd_cli.config.presets import resolve_preset  # noqa: E402
-from lgd_cli.errors import ConfigError  # noqa: E402
-from lgd_cli.modeling.lgd import BOX_CLAMPS, CELL_MAPPINGS, EMPTY_IMAGE_RULES  # noqa: E402
-from lgd_cli.modeling.students.dense import LOSS_NORMALIZER_RULES  # noqa: E402
-
-TRAIN_DATASET = "lgd_train"
-VAL_DATASET = "lgd_val"
 # Top-level SOLVER keys that the two-optimiser recipe ignores (docs/method.md §7): setting
 # one is almost certainly meant for the student or teacher block.
 _IGNORED_SOLVER_KEYS = {"BASE_LR", "STEPS", "GAMMA", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY",

@@ -23,18 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lgd_cli.compat import detectron2 as _compat
+from detectron2.data.build import _train_loader_from_config
+from detectron2.data.common import DatasetFromList
+from detectron2.data.detection_utils import SizeMismatchError
+from detectron2.utils import comm
 
-_compat.apply()
-
-from detectron2.data.build import _train_loader_from_config  # noqa: E402
-from detectron2.data.common import DatasetFromList  # noqa: E402
-from detectron2.data.detection_utils import SizeMismatchError  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-
-from lgd_cli.console import print_warning  # noqa: E402
-from lgd_cli.data.images import image_problem  # noqa: E402
-from lgd_cli.errors import ConfigError, DataError  # noqa: E402
+from lgd_cli.console import print_warning
+from lgd_cli.data.images import image_problem
+from lgd_cli.errors import ConfigError, DataError
 
 logger = logging.getLogger("lgd_cli")
 

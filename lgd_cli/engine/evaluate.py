@@ -8,21 +8,18 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from lgd_cli.compat import detectron2 as _compat
+import torch
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
+from detectron2.data import transforms as T
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-_compat.apply()
-
-import torch  # noqa: E402
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
-
-from lgd_cli.config.build import VAL_DATASET, config_from_checkpoint_yaml  # noqa: E402
-from lgd_cli.console import console, metrics_table, table, training_progress  # noqa: E402
-from lgd_cli.data.datasets import register_coco_json  # noqa: E402
-from lgd_cli.engine.checkpoint import read_lgd_checkpoint  # noqa: E402
-from lgd_cli.files import atomic_write_bytes  # noqa: E402
-from lgd_cli.errors import DataError  # noqa: E402
+from lgd_cli.config.build import config_from_checkpoint_yaml
+from lgd_cli.data.datasets import VAL_DATASET
+from lgd_cli.console import training_progress
+from lgd_cli.data.datasets import register_coco_json
+from lgd_cli.engine.checkpoint import read_lgd_checkpoint
+from lgd_cli.files import atomic_write_bytes
+from lgd_cli.errors import DataError
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -87,7 +84,9 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
         {"checkpoint", "preset", "dataset", "student": metrics, ["teacher": metrics]}; also
         written to <output>/metrics.json beside COCO-format predictions.
     """
-    from lgd_cli.engine.train import build_lgd_model, log_to_file, register_datasets
+    from lgd_cli.data.datasets import register_config_datasets
+    from lgd_cli.engine.logs import log_to_file
+    from lgd_cli.modeling.distiller import build_distiller
 
     checkpoint = Path(checkpoint)
     state = read_lgd_checkpoint(checkpoint)
@@ -101,12 +100,12 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
             raise DataError(f"{data[0]} has classes {names}, but {checkpoint} was trained on {list(cfg.LGD.CLASS_NAMES)}",
                             hint="evaluate on data with the same categories, in the same order")
     else:
-        register_datasets(cfg, splits=("val",))
+        register_config_datasets(cfg, splits=("val",))
         names = MetadataCatalog.get(VAL_DATASET).thing_classes
         if list(names) != list(cfg.LGD.CLASS_NAMES):
             raise DataError(f"{cfg.LGD.DATA.VAL_JSON} has classes {list(names)}, but {checkpoint} was trained on "
                             f"{list(cfg.LGD.CLASS_NAMES)}", hint="evaluate on data with the same categories, in the same order")
-    model = build_lgd_model(cfg)
+    model = build_distiller(cfg)
     model.load_state_dict(state["model"])
     model.eval()
     if eval_teacher and model.teacher is None:
@@ -123,20 +122,3 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
     atomic_write_bytes(output / "metrics.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     results["metrics_file"] = str(output / "metrics.json")
     return results
-
-
-def render(results: dict) -> None:
-    """Print the AP tables of `evaluate_checkpoint`'s result."""
-    for who in ("student", "teacher"):
-        if who not in results:
-            continue
-        for task, metrics in results[who].items():
-            title = f"{who} {task} AP on {Path(results['dataset']).name}"
-            console.print(metrics_table(title, {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}))
-            if who == "teacher":
-                console.print("note: the teacher reads the ground truth, so its AP is an upper bound, "
-                              "not a deployable model's", soft_wrap=True, highlight=False)
-            per_class = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
-            if per_class:
-                console.print(table(f"{who} {task} AP per category", ["category", "AP"], per_class))
-    console.print(f"metrics written to {results['metrics_file']}")

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lgd_cli.compat import detectron2 as _compat
 from lgd_cli.errors import ConfigError, LgdError
 from lgd_cli.files import failed_writes_name, staged_path
 
 if TYPE_CHECKING:
     from lgd_cli.export.verify import Comparison
+
+_compat.apply()  # before any detectron2 import below this package: see lgd_cli/compat/detectron2.py
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}  # format -> default file name
 
@@ -100,28 +103,3 @@ def _mismatch(comparison, output: Path, fmt: str, sample: str) -> LgdError:
         f"{c.unmatched - c.borderline} detections without a counterpart of the same class and score "
         f"(eager {c.num_eager}, exported {c.num_exported}). {output} was not written{kept}",
         hint="the checkpoint is unaffected and `lgd predict` runs it; please report this export failure")
-
-
-def render(result: ExportResult) -> None:
-    """Print what `export_checkpoint` wrote and how closely it matches eager PyTorch."""
-    from lgd_cli.console import console, table
-    from lgd_cli.export.verify import BOX_ATOL, BOX_RTOL, SCORE_ATOL
-
-    size_mb = result.output.stat().st_size / 2**20
-    rows = [["file", str(result.output)], ["format", result.format], ["size", f"{size_mb:.1f} MiB"],
-            ["parameters", f"{result.parameters:,} (student only)"]]
-    c = result.comparison
-    if c is not None:
-        rows += [["detections (eager / exported)", f"{c.num_eager} / {c.num_exported} at sizes {c.sizes}"],
-                 ["largest box difference", f"{c.max_box_diff:.3g} px (tolerance {BOX_ATOL:g} + {BOX_RTOL:g} x coordinate)"],
-                 ["largest score difference", f"{c.max_score_diff:.3g} (tolerance {SCORE_ATOL:g})"]]
-    rows += [["sidecar", str(result.sidecar)]]
-    console.print(table(f"lgd export ({result.seconds:.1f} s)", ["", "value"], rows))
-    if c is not None and not any(c.num_eager):
-        console.print("[yellow]verified on nothing[/]: the student detects nothing on the sample image above "
-                      "its score threshold, so the check compared empty outputs")
-    elif c is not None:
-        console.print("[green]verified[/]: the exported model matches the eager student")
-    else:
-        console.print(f"[yellow]not verified[/]: {result.skipped}; install it with pip install 'lgd[onnx]' "
-                      "and export again to check the file")

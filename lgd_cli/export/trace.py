@@ -10,19 +10,15 @@ import os
 import warnings
 from pathlib import Path
 
-from lgd_cli.compat import detectron2 as _compat
+import numpy as np
+import torch
+from torch import Tensor, nn
+from detectron2.data import transforms as T
+from detectron2.export.flatten import TracingAdapter
 
-_compat.apply()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.export.flatten import TracingAdapter  # noqa: E402
-
-from lgd_cli.config.build import config_from_checkpoint_yaml  # noqa: E402
-from lgd_cli.engine.checkpoint import read_lgd_checkpoint  # noqa: E402
-from lgd_cli.errors import CheckpointError, LgdError  # noqa: E402
+from lgd_cli.config.build import config_from_checkpoint_yaml
+from lgd_cli.engine.checkpoint import read_lgd_checkpoint
+from lgd_cli.errors import CheckpointError, LgdError
 
 ONNX_OPSET = 17
 OUTPUT_NAMES = ("boxes", "scores", "classes")
@@ -37,11 +33,11 @@ def load_student(checkpoint: Path, *, device: str | None = "cpu"):
     Returns:
         (student, cfg): a detectron2 detector (RetinaNet, FCOS, R-CNN) and the frozen config it was built from.
     """
-    from lgd_cli.engine.train import build_lgd_model
+    from lgd_cli.modeling.distiller import build_distiller
 
     state = read_lgd_checkpoint(checkpoint)
     cfg = config_from_checkpoint_yaml(state["lgd"]["config"], device=device)
-    model = build_lgd_model(cfg)
+    model = build_distiller(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -7,18 +7,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from lgd_cli.compat import detectron2 as _compat
+import numpy as np
+import torch
+from torch import Tensor
+from detectron2.data.detection_utils import read_image
 
-_compat.apply()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-
-from lgd_cli import __version__  # noqa: E402
-from lgd_cli.files import atomic_write_bytes  # noqa: E402
-from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_input, postprocess_settings  # noqa: E402
+from lgd_cli import __version__
+from lgd_cli.files import atomic_write_bytes
+from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_input, postprocess_settings
 
 # Exported and eager detections agree when, for every pair of matched detections:
 # |box_exported - box_eager| <= BOX_ATOL + BOX_RTOL * |box_eager| per coordinate (pixels of the input),

@@ -5,24 +5,21 @@ student alone, so exported models and their cost are those of the plain detector
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from lgd_cli.compat import detectron2 as _compat
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+from detectron2.utils.events import get_event_storage
 
-_compat.apply()
-
-from detectron2.config import configurable  # noqa: E402
-from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector  # noqa: E402
-from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
-from detectron2.utils.events import get_event_storage  # noqa: E402
-
-from lgd_cli.errors import ConfigError  # noqa: E402
-from lgd_cli.modeling.lgd import DistillationLoss, pack_objects  # noqa: E402
-from lgd_cli.modeling.lgd.teacher import ImplicitTeacher  # noqa: E402
-from lgd_cli.modeling.students import fcos as _fcos  # noqa: E402,F401  (registers the "FCOS" meta-architecture)
-from lgd_cli.modeling.students.dense import DenseStudent  # noqa: E402
-from lgd_cli.modeling.students.rcnn import RCNNStudent, label_map_cells, label_map_crops  # noqa: E402
+from lgd_cli.errors import ConfigError
+from lgd_cli.modeling.lgd import DistillationLoss, pack_objects
+from lgd_cli.modeling.lgd.teacher import ImplicitTeacher
+from lgd_cli.modeling.students import fcos as _fcos  # noqa: F401  (registers the "FCOS" meta-architecture)
+from lgd_cli.modeling.students.dense import DenseStudent
+from lgd_cli.modeling.students.rcnn import RCNNStudent, label_map_cells, label_map_crops
 
 
 def student_seams(student: nn.Module, loss_normalizer: str = "reference") -> DenseStudent | RCNNStudent:
@@ -195,3 +192,8 @@ class LGDDistiller(nn.Module):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         teacher_maps, _ = self._teacher_maps(images, features, gt_instances)
         return self.seams.inference(images, teacher_maps, batched_inputs)
+
+
+def build_distiller(cfg) -> LGDDistiller:
+    """The LGDDistiller around the config's student, on cfg.MODEL.DEVICE."""
+    return LGDDistiller(cfg).to(torch.device(cfg.MODEL.DEVICE))

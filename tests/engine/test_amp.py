@@ -10,7 +10,7 @@ from lgd_cli.config.build import build_config
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.engine.hooks import LgdScheduleHook
 from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.engine.train import build_lgd_model
+from lgd_cli.modeling.distiller import build_distiller
 from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd import DistillationLoss, instance_norm
@@ -34,7 +34,7 @@ def make_trainer(tiny_overrides, *extra):
     sizes = [f"INPUT.MIN_SIZE_TRAIN=({SIZE},)", f"INPUT.MAX_SIZE_TRAIN={SIZE}"]
     cfg = build_config("demo", tiny_overrides + sizes + list(extra), device="cpu")
     torch.manual_seed(0)
-    model = build_lgd_model(cfg)
+    model = build_distiller(cfg)
     optimizers, schedulers = build_optimizers(cfg, model)
     loader = itertools.cycle([make_batch(seed=i, size=SIZE) for i in range(3)])
     trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters(),

@@ -7,7 +7,7 @@ import torch
 from lgd_cli.config.build import build_config
 from lgd_cli.engine.hooks import LgdScheduleHook, distillation_active
 from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.engine.train import build_lgd_model
+from lgd_cli.modeling.distiller import build_distiller
 from lgd_cli.engine.trainer import LGDTrainer, NonFiniteLossError
 from tests.modeling.test_distiller import make_batch
 
@@ -21,7 +21,7 @@ def test_distillation_window_is_the_references_rule(iteration, expected):
 def make_trainer(tiny_overrides, *extra):
     cfg = build_config("demo", tiny_overrides + list(extra), device="cpu")
     torch.manual_seed(0)
-    model = build_lgd_model(cfg)
+    model = build_distiller(cfg)
     optimizers, schedulers = build_optimizers(cfg, model)
     loader = itertools.cycle([make_batch(seed=i) for i in range(3)])
     trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters())

@@ -45,7 +45,7 @@ def test_export_matches_the_eager_student(student_checkpoint, fmt, tmp_path):
 
 @pytest.mark.slow
 def test_predict_applies_the_score_threshold(student_checkpoint, tiny_data, tmp_path):
-    from lgd_cli.predict import predict
+    from lgd_cli.engine.predict import predict
 
     _, checkpoint = student_checkpoint
     image = min(Path(tiny_data.val_images).glob("*.png"))

@@ -99,7 +99,7 @@ def test_cli_export_hands_the_engine_its_arguments(monkeypatch, tmp_path):
 
     seen = []
     monkeypatch.setattr(engine_export, "export_checkpoint", lambda *args: seen.append(args) or "result")
-    monkeypatch.setattr(engine_export, "render", lambda result: seen.append(result))
+    monkeypatch.setattr("lgd_cli.render.export", lambda result: seen.append(result))
     assert run_cli("export", "run/model_final.pth", "--format", "onnx", "-o", str(tmp_path / "x.onnx")) == 0
     assert seen == [(Path("run/model_final.pth"), "onnx", tmp_path / "x.onnx"), "result"]
 

@@ -5,7 +5,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from lgd_cli.config.build import build_config
-from lgd_cli.engine.train import build_lgd_model
+from lgd_cli.modeling.distiller import build_distiller
 
 from conftest import two_loss_calls  # noqa: E402  (tests/ is on sys.path via its conftest)
 
@@ -33,7 +33,7 @@ def model_factory(tiny_overrides):
         cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
         cfg.MODEL.RETINANET.NUM_CLASSES = 3
         torch.manual_seed(0)
-        return build_lgd_model(cfg).train()
+        return build_distiller(cfg).train()
     return build
 
 

@@ -6,7 +6,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from lgd_cli.config.build import build_config
-from lgd_cli.engine.train import build_lgd_model
+from lgd_cli.modeling.distiller import build_distiller
 from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd import box_cell_masks, level_scales
 from lgd_cli.modeling.students.fcos import FCOS
@@ -64,7 +64,7 @@ def build(tiny_overrides):
         cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
         cfg.MODEL.FCOS.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
         torch.manual_seed(0)
-        model = build_lgd_model(cfg)
+        model = build_distiller(cfg)
         return model.eval() if eval_mode else model.train()
     return build
 

@@ -17,10 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lgd_cli.compat import detectron2 as _compat
-
-_compat.apply()
-
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
 from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, read_checkpoint

@@ -25,10 +25,6 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
-from lgd_cli.compat import detectron2 as _compat
-
-_compat.apply()
-
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7

@@ -173,11 +173,11 @@ def _check_against_backbone(path: Path, kept: dict[str, Tensor], arch: dict) -> 
     for key, value in kept.items():
         if key not in expected or expected[key].shape != value.shape:
             shape = tuple(expected[key].shape) if key in expected else "no such tensor"
-            raise CheckpointError(f"{path}: '{key}' has shape {tuple(value.shape)}, a Swin of {_describe(arch)} "
+            raise CheckpointError(f"{path}: '{key}' has shape {tuple(value.shape)}, a Swin of {describe_architecture(arch)} "
                                   f"has {shape}: inconsistent checkpoint")
 
 
-def _describe(arch: dict) -> str:
+def describe_architecture(arch: dict) -> str:
     return (f"embed {arch['embed_dim']}, depths {'-'.join(map(str, arch['depths']))}, "
             f"heads {'-'.join(map(str, arch['num_heads']))}, window {arch['window_size']}")
 
@@ -212,26 +212,7 @@ def convert_swin_weights(source: Path, target: Path | None = None, *, force: boo
     return ConversionReport(source, target, layout, arch, len(kept), dropped)
 
 
-def _key_pattern(key: str) -> str:
+def key_pattern(key: str) -> str:
     # layers.3.blocks.1.attn_mask -> layers.*.blocks.*.attn_mask; head.weight -> head.{weight,bias}
     key = re.sub(r"\.\d+(?=\.)", ".*", key)
     return re.sub(r"\.(weight|bias)$", ".{weight,bias}", key)
-
-
-def render(report: ConversionReport) -> None:
-    """One line for what was written, a table of the dropped keys grouped by pattern and reason."""
-    from lgd_cli.console import console, table
-
-    groups: dict[tuple[str, str], int] = {}
-    for key, why in report.dropped:
-        groups[(_key_pattern(key), why)] = groups.get((_key_pattern(key), why), 0) + 1
-    console.print(f"read {report.source} ({report.layout} layout): Swin {_describe(report.architecture)}",
-                  highlight=False, soft_wrap=True)
-    if groups:
-        console.print(table(f"dropped {len(report.dropped)} tensors", ["key", "count", "why"],
-                            [[pattern, count, why] for (pattern, why), count in groups.items()]))
-    console.print(f"wrote {report.kept} tensors to {report.target}", highlight=False, soft_wrap=True)
-    console.print(f"use it with --set MODEL.WEIGHTS={report.target} (MODEL.SWINT must match: "
-                  f"EMBED_DIM {report.architecture['embed_dim']}, DEPTHS {report.architecture['depths']}, "
-                  f"NUM_HEADS {report.architecture['num_heads']}, WINDOW_SIZE {report.architecture['window_size']})",
-                  highlight=False, soft_wrap=True)

@@ -11,17 +11,13 @@ import math
 
 import torch
 
-from lgd_cli.compat import detectron2 as _compat
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.structures import Boxes
 
-_compat.apply()
-
-from detectron2.config import configurable  # noqa: E402
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone  # noqa: E402
-from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS  # noqa: E402
-from detectron2.modeling.meta_arch.fcos import FCOSHead  # noqa: E402
-from detectron2.structures import Boxes  # noqa: E402
-
-from lgd_cli.errors import ConfigError  # noqa: E402
+from lgd_cli.errors import ConfigError
 
 __all__ = ["FCOS", "check_fcos_parity"]
 

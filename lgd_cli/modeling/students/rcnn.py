@@ -19,18 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lgd_cli.compat import detectron2 as _compat
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+from detectron2.modeling.proposal_generator.rpn import RPN
+from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from detectron2.structures.masks import polygons_to_bitmask
 
-_compat.apply()
-
-from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
-from detectron2.modeling.proposal_generator.rpn import RPN  # noqa: E402
-from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks  # noqa: E402
-from detectron2.structures.masks import polygons_to_bitmask  # noqa: E402
-
-from lgd_cli.errors import ConfigError  # noqa: E402
-from lgd_cli.modeling.lgd.box_masks import CELL_MAPPINGS  # noqa: E402
-from lgd_cli.modeling.students.base import StudentSeams  # noqa: E402
+from lgd_cli.errors import ConfigError
+from lgd_cli.modeling.lgd.box_masks import CELL_MAPPINGS
+from lgd_cli.modeling.students.base import StudentSeams
 
 __all__ = ["RCNNStudent", "RCNNTargets", "label_map_cells", "label_map_crops"]
 

@@ -18,19 +18,18 @@ import time
 
 from lgd_cli.compat import detectron2 as _compat
 
-_compat.apply()
+import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from detectron2.data import build_detection_train_loader  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from lgd_cli.engine.amp import MixedPrecision  # noqa: E402
-from lgd_cli.engine.optimizers import build_optimizers  # noqa: E402
-from lgd_cli.engine.train import build_lgd_model, register_datasets  # noqa: E402
-from lgd_cli.engine.trainer import LGDTrainer  # noqa: E402
-from lgd_cli.errors import LgdError  # noqa: E402
+from lgd_cli.engine.amp import MixedPrecision
+from lgd_cli.engine.optimizers import build_optimizers
+from lgd_cli.data.datasets import register_config_datasets
+from lgd_cli.modeling.distiller import build_distiller
+from lgd_cli.engine.trainer import LGDTrainer
+from lgd_cli.errors import LgdError
 
 
 def _arm_config(cfg, lgd: bool):
@@ -65,9 +64,9 @@ def _measure_arm(cfg, lgd: bool, iters: int, warmup: int, profile: bool, export:
     """One arm in the current process: step times, peak memory, parameters, FLOPs, (profile)."""
     cfg = _arm_config(cfg, lgd)
     seed_all_rng(0)
-    register_datasets(cfg, splits=("train",))
+    register_config_datasets(cfg, splits=("train",))
     device = torch.device(cfg.MODEL.DEVICE)
-    model = build_lgd_model(cfg).train()
+    model = build_distiller(cfg).train()
     optimizers, _ = build_optimizers(cfg, model)
     # The same batches, in the same order, for both arms.
     batches = list(itertools.islice(iter(build_detection_train_loader(cfg)), 4))
@@ -213,37 +212,3 @@ def run_benchmark(cfg, *, iters: int = 20, warmup: int = 5, profile: bool = Fals
         },
         **({"profile": {"lgd": lgd.get("profile", ""), "baseline": base.get("profile", "")}} if profile else {}),
     }
-
-
-def render(result: dict, json_path=None) -> None:
-    """Print the benchmark table (and profiles); write JSON atomically when asked."""
-    import json
-    from pathlib import Path
-
-    from lgd_cli.console import console, table
-    from lgd_cli.files import atomic_write_bytes
-
-    t, f, m = result["train"], result["flops"], result["memory"]
-    rows = [
-        ["train s/iter", t["baseline_s_per_iter"], t["lgd_s_per_iter"], t["lgd_over_baseline"]],
-        ["train images/s", t["baseline_images_per_s"], t["lgd_images_per_s"], t["baseline_images_per_s"] and t["lgd_images_per_s"] / t["baseline_images_per_s"]],
-        ["train GFLOPs/step", f["baseline_train_gflops"], f["lgd_train_gflops"], f["lgd_over_baseline"]],
-        ["peak memory MB", m["baseline_peak_mb"], m["lgd_peak_mb"], m["lgd_over_baseline"]],
-    ]
-    title = (f"lgd benchmark: {result['preset']} on {result['device']}, batch {result['batch']}, "
-             f"{result.get('precision', 'fp32')}, median of {result['iters']} steps")
-    console.print(table(title, ["", "baseline", "LGD", "LGD / baseline"], rows))
-    console.print(table("model", ["", "value"], [
-        ["student parameters (deployed)", result["params"]["student"]],
-        ["LGD-only parameters (dropped after training)", result["params"]["lgd_only"]],
-        ["student inference ms/image (eager)", result["inference"]["eager_ms_per_image"]],
-        *[[f"student inference ms/image ({fmt}; / eager)",
-           f"{result['inference'][f'{fmt}_ms_per_image']:.2f} ({result['inference'][f'{fmt}_over_eager']:.2f})"]
-          for fmt in ("torchscript", "onnx") if f"{fmt}_ms_per_image" in result["inference"]],
-    ]))
-    for arm, text in result.get("profile", {}).items():
-        console.print(f"[bold]{arm} step profile[/]")
-        console.print(text, soft_wrap=True, highlight=False, markup=False)
-    if json_path is not None:
-        atomic_write_bytes(Path(json_path), lambda fh: fh.write(json.dumps(result, indent=1).encode()))
-        console.print(f"written to {json_path}")

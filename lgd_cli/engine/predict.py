@@ -6,19 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lgd_cli.compat import detectron2 as _compat
+import torch
+from PIL import Image
+from detectron2.data.catalog import Metadata
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.utils.visualizer import Visualizer
 
-_compat.apply()
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from detectron2.data.catalog import Metadata  # noqa: E402
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
-
-from lgd_cli.files import atomic_write_bytes  # noqa: E402
-from lgd_cli.errors import DataError  # noqa: E402
-from lgd_cli.export.trace import category_ids, load_student, model_input, set_score_thresh  # noqa: E402
+from lgd_cli.files import atomic_write_bytes
+from lgd_cli.errors import DataError
+from lgd_cli.export.trace import category_ids, load_student, model_input, set_score_thresh
 
 DETECTIONS_FILE = "detections.json"
 
@@ -110,12 +106,3 @@ def predict(checkpoint: Path, images: Sequence[Path], output: Path = Path("predi
     text = "[\n" + ",\n".join(json.dumps(det) for det in coco) + ("\n]\n" if coco else "]\n")  # one detection a line
     atomic_write_bytes(result.detections_file, lambda f: f.write(text.encode()))
     return result
-
-
-def render(result: PredictResult) -> None:
-    """Print one row per image and where the detections went."""
-    from lgd_cli.console import console, table
-
-    rows = [[str(image), count, str(png)] for image, png, count in result.images]
-    console.print(table(f"lgd predict (score > {result.score_thresh:g})", ["image", "detections", "drawn"], rows))
-    console.print(f"detections written to {result.detections_file} (COCO results format)")

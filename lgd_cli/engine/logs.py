@@ -1,0 +1,20 @@
+"""Where a run's logs go."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def log_to_file(path: Path) -> None:
+    """detectron2's and lgd's logs go to the run's log.txt; the terminal shows rich progress."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
+    handler._lgd_run_log = True
+    for name in ("detectron2", "fvcore", "lgd_cli"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if getattr(h, "_lgd_run_log", False)]:
+            logger.removeHandler(old)  # a later run in the same process logs to its own folder
+            old.close()
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(handler)
