@@ -45,8 +45,16 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the version and exit."),
           debug: bool = typer.Option(False, "--debug", help="Show the full traceback of errors (also LGD_DEBUG=1).")) -> None:
     """Train, evaluate, export and benchmark object detectors with LGD on detectron2."""
+    import logging
+
+    from lgd_cli.console import setup_logging
+
+    debug = debug or os.environ.get("LGD_DEBUG") == "1"
     if debug:
-        os.environ["LGD_DEBUG"] = "1"
+        os.environ["LGD_DEBUG"] = "1"  # main() re-raises; `lgd compare`'s run processes read it too
+    setup_logging()
+    # The engines show tracebacks of failed processes when their logger is at DEBUG (engine/launch.py).
+    logging.getLogger("lgd_cli").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def _data_pairs(data_root, train_json, train_images, val_json, val_images) -> list[str]:
@@ -96,6 +104,7 @@ def train(
     on each of 2 machines, `lgd train ... --machines 2 --machine-rank R --dist-url tcp://HOST:PORT`.
     """
     from lgd_cli.config.build import build_config
+    from lgd_cli.console import TerminalDisplay
     from lgd_cli.engine import train as engine_train
     from lgd_cli.engine.launch import report_failure
 
@@ -128,7 +137,8 @@ def train(
         output = Path("output") / (cfg.LGD.PRESET + ("" if cfg.MODEL.DISTILLATOR.ENABLED else "-baseline"))
     summary = engine_train.train(
         cfg, output, resume=resume, force=force, num_processes=gpus,
-        num_machines=machines, machine_rank=machine_rank, dist_url=dist_url, join_timeout=join_timeout)
+        num_machines=machines, machine_rank=machine_rank, dist_url=dist_url, join_timeout=join_timeout,
+        display=TerminalDisplay())
     from lgd_cli.console import metrics_table
 
     if machine_rank == 0:
@@ -150,13 +160,14 @@ def evaluate(
     device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """Evaluate a checkpoint with COCO metrics (AP, AP50, AP75, APs/m/l, per category)."""
+    from lgd_cli.console import TerminalDisplay
     from lgd_cli.engine import evaluate as engine_eval
 
     if data and len(data) != 2:
         raise typer.BadParameter("give --data twice: the annotation json, then the image folder", param_hint="--data")
     results = engine_eval.evaluate_checkpoint(
         checkpoint, overrides=list(overrides or []), data=tuple(data) if data else None,
-        eval_teacher=eval_teacher, output=output, device=device)
+        eval_teacher=eval_teacher, output=output, device=device, display=TerminalDisplay())
     render.evaluation(results)
 
 
@@ -299,6 +310,7 @@ def compare(
     from lgd_cli.compare.experiment import run_comparison
     from lgd_cli.compare.runner import make_settings
     from lgd_cli.compare.stats import METHODS
+    from lgd_cli.console import TerminalDisplay
 
     if interval not in METHODS:
         raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--interval")
@@ -308,7 +320,7 @@ def compare(
     settings = make_settings(preset, pairs + list(overrides or []), seeds=seeds, device=device, interval=interval)
     if output is None:
         output = Path("output") / f"compare-{Path(settings.preset_file).stem}"
-    report = run_comparison(settings, output, jobs=jobs, resume=resume)
+    report = run_comparison(settings, output, jobs=jobs, resume=resume, display=TerminalDisplay())
     render.comparison(report)
     if report["failed"]:
         raise LgdError(f"{len(report['failed'])} of {2 * seeds} runs failed: "

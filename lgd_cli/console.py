@@ -1,6 +1,12 @@
-"""The one rich Console of lgd, plus the renderers for errors, tables and progress."""
+"""The one rich Console of lgd, plus the renderers for errors, tables and progress, and where logs go.
+
+Only the CLI layer imports this module: the engines log through `logging` ("lgd_cli" logger) and draw
+progress through the `Display` they are handed (lgd_cli/engine/display.py); TerminalDisplay is it.
+"""
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Iterable, Mapping, Sequence
 
 from rich.console import Console
@@ -42,8 +48,8 @@ def metrics_table(title: str, metrics: Mapping[str, float]) -> Table:
     return table(title, ["metric", "value"], metrics.items())
 
 
-def training_progress() -> Progress:
-    """Progress bar for training: iteration M/N, ETA and a free-text loss field."""
+def task_progress() -> Progress:
+    """Progress bars of training, evaluation or a comparison: done M/N, elapsed, ETA and a `detail` text."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -51,7 +57,91 @@ def training_progress() -> Progress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
+        TextColumn("{task.fields[detail]}"),
         console=console,
         transient=False,
     )
+
+
+# Log records carrying this attribute repeat what a progress bar shows (the periodic training
+# lines): a terminal with the bar does not print them, a file or pipe gets them.
+PERIODIC = "lgd_periodic"
+_HANDLER_TAG = "_lgd_console"
+
+
+class _LevelBelow(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+class _StdStream(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stdout or sys.stderr is when it writes (test runners swap them)."""
+
+    def __init__(self, name: str):
+        self._std_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._std_name)
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _NotPeriodic(logging.Filter):
+    def filter(self, record):
+        return not getattr(record, PERIODIC, False)
+
+
+def setup_logging() -> None:
+    """Route the "lgd_cli" logger to this process's terminal or pipes (idempotent).
+
+    Warnings go to stderr (rich's RichHandler on a terminal, plain lines otherwise). Infos (the run's
+    banner, periodic lines) go to stderr as well on a terminal, without the periodic lines the progress
+    bar shows; to stdout, one plain line each, when stdout is a file or pipe (`lgd train > run.log`).
+    """
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("lgd_cli")
+    for old in [h for h in logger.handlers if getattr(h, _HANDLER_TAG, False)]:
+        logger.removeHandler(old)
+    handlers = []
+    if err_console.is_terminal:
+        err = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+        err.setLevel(logging.INFO if console.is_terminal else logging.WARNING)
+        err.addFilter(_NotPeriodic())
+    else:
+        err = _StdStream("stderr")
+        err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        err.setLevel(logging.WARNING)
+    handlers.append(err)
+    if not console.is_terminal:
+        out = _StdStream("stdout")
+        out.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%m/%d %H:%M:%S"))
+        out.setLevel(logging.INFO)
+        out.addFilter(_LevelBelow(logging.WARNING))  # warnings are on stderr already
+        handlers.append(out)
+    for handler in handlers:
+        setattr(handler, _HANDLER_TAG, True)
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+class TerminalDisplay:
+    """The CLI's Display (lgd_cli/engine/display.py): rich progress bars on a terminal, none otherwise.
+
+    Plain state only, so that it travels (pickled) into spawned training processes.
+    """
+
+    def progress(self) -> Progress | None:
+        return task_progress() if console.is_terminal else None
+
+    def join_process(self) -> None:
+        setup_logging()

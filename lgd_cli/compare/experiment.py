@@ -10,8 +10,10 @@ from lgd_cli.files import atomic_write_bytes
 
 
 def run_comparison(settings: CompareSettings, output: Path, *, jobs: int = 1, resume: bool = False,
-                   show_progress: bool = True) -> dict:
+                   display=None) -> dict:
     """Train and evaluate both arms for every seed (reusing finished runs), then write the report.
+
+    `display` shows a progress bar per run (lgd_cli/engine/display.py); None: none.
 
     Returns:
         compare.json's dict plus "output", "plots" (file names) and "plots_skipped" (reason or None).
@@ -19,10 +21,9 @@ def run_comparison(settings: CompareSettings, output: Path, *, jobs: int = 1, re
     """
     output = Path(output)
     prepare_output(output, settings, resume)
-    if show_progress:
-        from lgd_cli.console import training_progress
-
-        with training_progress() as progress:
+    progress = display.progress() if display is not None else None
+    if progress is not None:
+        with progress:
             outcomes = execute(settings, output, jobs=jobs, progress=progress)
     else:
         outcomes = execute(settings, output, jobs=jobs)

@@ -228,7 +228,7 @@ def execute(settings: CompareSettings, output: Path, *, jobs: int = 1, progress=
             total = settings.iters
             done = total if outcomes.get(run) else _iterations_done(run.folder(output))
             tasks[run] = progress.add_task(run.name + (" (reused)" if run in outcomes else ""),
-                                           total=total, completed=done, losses="")
+                                           total=total, completed=done, detail="")
     running: dict[Run, tuple[subprocess.Popen, object]] = {}
     env = _worker_env(settings, jobs)
     previous_term = None

@@ -28,7 +28,6 @@ from detectron2.data.common import DatasetFromList
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 
-from lgd_cli.console import print_warning
 from lgd_cli.data.images import image_problem
 from lgd_cli.errors import ConfigError, DataError
 
@@ -158,8 +157,6 @@ class ResumableTrainLoader:
             raise DataError(what, hint="replace or remove the file, or pass --skip-bad-images to skip such images")
         if name not in self.skipped:
             logger.warning(f"skipped: {what}")
-            if comm.is_main_process():
-                print_warning(f"skipped: {what}")
         self.skipped[name] = self.skipped.get(name, 0) + 1
         if len(self.skipped) >= len(self.dataset):
             raise DataError(f"none of the {len(self.dataset)} training images can be decoded, e.g. {what}")

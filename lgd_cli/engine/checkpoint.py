@@ -6,6 +6,7 @@ tensors, so it loads with `torch.load(weights_only=True)`: no code runs from a c
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import zipfile
@@ -15,7 +16,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from lgd_cli import __version__
-from lgd_cli.console import print_warning
 from lgd_cli.errors import CheckpointError
 from lgd_cli.files import atomic_torch_save, atomic_write_bytes
 
@@ -156,9 +156,7 @@ class LgdCheckpointer(SafeDetectionCheckpointer):
                 problems.append(exc.message)
                 continue
             for problem in problems:
-                warning = f"skipping {problem}; resuming from {candidate}"
-                self.logger.warning(warning)
-                print_warning(warning)
+                logging.getLogger("lgd_cli").warning(f"skipping {problem}; resuming from {candidate}")
             return candidate
         raise CheckpointError(f"no readable checkpoint in {self.save_dir} to resume from: {'; '.join(problems)}",
                               hint="start afresh with --force (deletes these checkpoints)")

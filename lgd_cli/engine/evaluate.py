@@ -12,10 +12,10 @@ import torch
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.utils import comm
 
 from lgd_cli.config.build import config_from_checkpoint_yaml
 from lgd_cli.data.datasets import VAL_DATASET
-from lgd_cli.console import training_progress
 from lgd_cli.data.datasets import register_coco_json
 from lgd_cli.engine.checkpoint import read_lgd_checkpoint
 from lgd_cli.files import atomic_write_bytes
@@ -25,17 +25,21 @@ SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 class _ProgressLoader:
-    """Wraps a test loader so inference_on_dataset drives a rich progress bar."""
+    """Wraps a test loader so that inference_on_dataset drives a progress bar of the Display, if any."""
 
-    def __init__(self, loader, description: str):
-        self.loader, self.description = loader, description
+    def __init__(self, loader, description: str, display=None):
+        self.loader, self.description, self.display = loader, description, display
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        with training_progress() as progress:
-            task = progress.add_task(self.description, total=len(self.loader), losses="")
+        progress = self.display.progress() if self.display is not None and comm.is_main_process() else None
+        if progress is None:
+            yield from self.loader
+            return
+        with progress:
+            task = progress.add_task(self.description, total=len(self.loader), detail="")
             for batch in self.loader:
                 yield batch
                 progress.advance(task)
@@ -51,11 +55,13 @@ def _test_mapper(cfg, teacher: bool) -> DatasetMapper:
                          use_instance_mask=cfg.MODEL.MASK_ON, instance_mask_format=cfg.INPUT.MASK_FORMAT)
 
 
-def evaluate_model(cfg, model, output_dir: Path, *, teacher: bool = False, dataset: str = VAL_DATASET) -> dict:
+def evaluate_model(cfg, model, output_dir: Path, *, teacher: bool = False, dataset: str = VAL_DATASET,
+                   display=None) -> dict:
     """COCO metrics of `model` on a registered dataset.
 
     Args:
         model: an LGDDistiller; `teacher=True` evaluates its teacher (an upper bound).
+        display: where the progress bar goes (lgd_cli/engine/display.py); None: none.
 
     Returns:
         {"bbox": {"AP": ..., "AP50": ..., "AP-<class>": ...}} (+ "segm" with masks).
@@ -69,7 +75,7 @@ def evaluate_model(cfg, model, output_dir: Path, *, teacher: bool = False, datas
     try:
         # pycocotools prints its own summary; lgd renders a table instead.
         with contextlib.redirect_stdout(io.StringIO()):
-            results = inference_on_dataset(model, _ProgressLoader(loader, "eval teacher" if teacher else "eval"), evaluator)
+            results = inference_on_dataset(model, _ProgressLoader(loader, "eval teacher" if teacher else "eval", display), evaluator)
     finally:
         model.evaluate_teacher = False
         model.train(was_training)
@@ -77,8 +83,11 @@ def evaluate_model(cfg, model, output_dir: Path, *, teacher: bool = False, datas
 
 
 def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data: tuple[Path, Path] | None = None,
-                        eval_teacher: bool = False, output: Path | None = None, device: str | None = None) -> dict:
+                        eval_teacher: bool = False, output: Path | None = None, device: str | None = None,
+                        display=None) -> dict:
     """Rebuild the model from a checkpoint's embedded config and evaluate it.
+
+    `display` shows the progress (lgd_cli/engine/display.py); None: none.
 
     Returns:
         {"checkpoint", "preset", "dataset", "student": metrics, ["teacher": metrics]}; also
@@ -116,9 +125,10 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
     results = {"checkpoint": str(checkpoint), "preset": cfg.LGD.PRESET,
                "dataset": MetadataCatalog.get(dataset).json_file}
     with torch.no_grad():
-        results["student"] = evaluate_model(cfg, model, output, dataset=dataset)
+        results["student"] = evaluate_model(cfg, model, output, dataset=dataset, display=display)
         if eval_teacher:
-            results["teacher"] = evaluate_model(cfg, model, output / "teacher", teacher=True, dataset=dataset)
+            results["teacher"] = evaluate_model(cfg, model, output / "teacher", teacher=True, dataset=dataset,
+                                                 display=display)
     atomic_write_bytes(output / "metrics.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     results["metrics_file"] = str(output / "metrics.json")
     return results

@@ -1,4 +1,4 @@
-"""Training hooks: LR schedules and LGD windows, rich progress, checkpoint bookkeeping, graceful stop."""
+"""Training hooks: LR schedules and LGD windows, progress bars, checkpoint bookkeeping, graceful stop."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,6 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from lgd_cli.console import training_progress
 from lgd_cli.errors import LgdError
 
 
@@ -78,22 +77,29 @@ class GatherResumeStateHook(HookBase):
             self.trainer.gather_resume_state()
 
 
-class RichProgressHook(HookBase):
-    """A rich progress bar: iteration, elapsed, ETA, total loss and the main terms (main process only)."""
+class ProgressHook(HookBase):
+    """A progress bar: iteration, elapsed, ETA, total loss and the main terms (main process only).
+
+    Args:
+        display: the CLI's Display (lgd_cli/engine/display.py); nothing is drawn where it has no bars.
+    """
 
     TERMS = ("loss_cls", "loss_box_reg", "loss_distill")
 
-    def __init__(self, period: int = 5):
+    def __init__(self, display, period: int = 5):
+        self.display = display
         self.period = period
         self.progress = None
 
     def before_train(self):
         if not comm.is_main_process():
             return
-        self.progress = training_progress()
+        self.progress = self.display.progress()
+        if self.progress is None:
+            return
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.trainer.max_iter,
-                                           completed=self.trainer.start_iter, losses="")
+                                           completed=self.trainer.start_iter, detail="")
 
     def after_step(self):
         if self.progress is None:
@@ -106,11 +112,12 @@ class RichProgressHook(HookBase):
         parts += [f"{k.replace('loss_', '')} {latest[k][0]:.3f}" for k in self.TERMS if k in latest]
         if "loss_cls.tea" in latest:
             parts.append(f"cls.tea {latest['loss_cls.tea'][0]:.3f}")
-        self.progress.update(self.task, completed=it, losses="  ".join(parts))
+        self.progress.update(self.task, completed=it, detail="  ".join(parts))
 
     def after_train(self):
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
 
 class TrainingStopped(LgdError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
+import logging
 import signal
 import socket
 import tempfile
@@ -383,7 +383,7 @@ def _raised_error(errors: Path, index: int, trace: str, who: str | None = None) 
         record = None  # not an LgdError: the traceback it printed is all there is
     if record is not None:
         return _rebuild({**record, "message": f"{who}: {record['message']}"})
-    if os.environ.get("LGD_DEBUG") == "1":
+    if logging.getLogger("lgd_cli").isEnabledFor(logging.DEBUG):  # lgd --debug
         return LgdError(f"{subject} failed:{trace}")
     last = trace.strip().splitlines()[-1] if trace.strip() else "no message"
     return LgdError(f"{subject} failed: {last}", hint="run with --debug for its traceback")

@@ -17,7 +17,7 @@ from lgd_cli.data.datasets import register_config_datasets
 from lgd_cli.data.loader import build_train_loader
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.engine.checkpoint import LgdCheckpointer
-from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdScheduleHook, RichProgressHook
+from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdScheduleHook, ProgressHook
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
 from lgd_cli.engine.logs import log_to_file
 from lgd_cli.engine.optimizers import build_optimizers
@@ -46,7 +46,7 @@ def _flat_config(node, prefix: str = "") -> dict:
 
 def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_processes: int = 1,
           num_machines: int = 1, machine_rank: int = 0, dist_url: str = "auto",
-          join_timeout: float = JOIN_TIMEOUT_S) -> dict:
+          join_timeout: float = JOIN_TIMEOUT_S, display=None) -> dict:
     """Train (LGD or, with MODEL.DISTILLATOR.ENABLED=False, the baseline) into `output`.
 
     Inputs are validated before anything is written or any process starts. With several machines
@@ -54,6 +54,8 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
     the run folder (config, checkpoints, metrics, summary): the others' `output`, shared with it or
     their own, gets only their processes' `log.txt.rankN`. A second run into a folder is not locked
     out yet (README, "Several machines").
+
+    `display` (lgd_cli/engine/display.py) shows the progress bars; None: none, the log only.
 
     Returns:
         The run summary (also written to output/summary.json by machine 0), on every machine.
@@ -81,7 +83,7 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
             atomic_write_bytes(output / "config.yaml", lambda f: f.write(cfg.dump().encode()))
         return launch(_train_worker, num_processes, num_machines=num_machines, machine_rank=machine_rank,
                       dist_url=dist_url, use_cuda=use_cuda, join_timeout=join_timeout,
-                      agree={"--resume": resume, "config": _flat_config(cfg)}, args=(cfg, str(output), resume))
+                      agree={"--resume": resume, "config": _flat_config(cfg)}, args=(cfg, str(output), resume, display))
     except LgdError:
         # A user-fixable error (bad image, bad weights, NaN, a machine missing...) before the first
         # checkpoint of a new run: leave the folder as it was, so the fixed command runs without --force.
@@ -134,8 +136,10 @@ def _resume_checkpoint(checkpointer, output: Path, on_gpu: bool) -> tuple[str, s
     return copy, found["path"], True
 
 
-def _train_worker(cfg, output: str, resume: bool) -> dict | None:
+def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
     rank = comm.get_rank()
+    if display is not None and rank == 0 and comm.get_world_size() > 1:
+        display.join_process()  # a spawned process: its warnings reach the terminal as the CLI's would
     if rank != 0:
         Path(output).mkdir(parents=True, exist_ok=True)  # another machine's own folder, for its log
     log_to_file(Path(output) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"))
@@ -157,7 +161,7 @@ def _train_worker(cfg, output: str, resume: bool) -> dict | None:
                          amp=MixedPrecision.from_config(cfg))
     checkpointer = LgdCheckpointer(model, output, cfg, trainer=trainer)
     trainer.checkpointer = checkpointer  # named in error messages (the newest complete checkpoint)
-    trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output))
+    trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output, display))
 
     start_iter = 0
     found = _resume_checkpoint(checkpointer, Path(output), cfg.MODEL.DEVICE.startswith("cuda")) if resume else None
@@ -201,7 +205,7 @@ def _train_worker(cfg, output: str, resume: bool) -> dict | None:
     return None
 
 
-def _hooks(cfg, model, schedulers, checkpointer, output: str) -> list:
+def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None) -> list:
     d = cfg.MODEL.DISTILLATOR
     hooks = [
         d2hooks.IterationTimer(),
@@ -221,7 +225,8 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str) -> list:
     if comm.is_main_process():
         hooks.append(d2hooks.PeriodicWriter([JSONWriter(str(Path(output) / "metrics.json")),
                                              TensorboardXWriter(output)], period=20))
-        hooks.append(RichProgressHook())
+        if display is not None:
+            hooks.append(ProgressHook(display))
     return hooks
 
 

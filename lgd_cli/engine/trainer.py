@@ -11,7 +11,6 @@ from detectron2.engine import TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from lgd_cli.console import print_warning
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.engine.rng import capture_rng_state, restore_rng_state
 from lgd_cli.errors import LgdError
@@ -20,13 +19,6 @@ logger = logging.getLogger("lgd_cli")
 # fp16 overflows in a row after which the gradients are taken to be non-finite at any loss scale
 # (the scale halves each time: 2^16 becomes 2^-16).
 MAX_CONSECUTIVE_OVERFLOWS = 32
-
-
-def warn(message: str) -> None:
-    """A warning in the run's log and, from the main process, on the terminal."""
-    logger.warning(message)
-    if comm.is_main_process():
-        print_warning(message)
 
 
 class NonFiniteLossError(LgdError):
@@ -124,7 +116,7 @@ class LGDTrainer(TrainerBase):
                 self.nonfinite_skipped += 1
                 terms = ", ".join(self._nonfinite_terms(loss_dict, host_values))
                 del loss_dict
-                warn(f"iteration {self.iter}: non-finite loss {terms}; batch skipped without an "
+                logger.warning(f"iteration {self.iter}: non-finite loss {terms}; batch skipped without an "
                      f"optimiser step ({self.nonfinite_skipped} of --skip-nonfinite {self.skip_nonfinite})")
                 continue
             if overflowed:

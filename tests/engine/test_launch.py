@@ -1,4 +1,5 @@
 """Multi-process launch: layouts checked up front, a failing process's own error reaches the user."""
+import logging
 import os
 import signal
 
@@ -40,12 +41,12 @@ def test_a_child_killed_by_a_signal_is_named_with_exit_code_128_plus_signal():
     assert info.value.exit_code == 137 and "out-of-memory" in info.value.hint
 
 
-def test_an_unexpected_child_exception_gives_its_last_line(tmp_path, monkeypatch):
-    monkeypatch.delenv("LGD_DEBUG", raising=False)
+def test_an_unexpected_child_exception_gives_its_last_line(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lgd_cli")
     trace = "\n\n-- Process 0 terminated with the following error:\nTraceback (most recent call last):\n  ...\nValueError: boom\n"
     error = launch_mod._raised_error(tmp_path, 0, trace)
     assert error.message == "training process 0 failed: ValueError: boom" and "--debug" in error.hint
-    monkeypatch.setenv("LGD_DEBUG", "1")
+    caplog.set_level(logging.DEBUG, logger="lgd_cli")  # lgd --debug
     assert "Traceback" in launch_mod._raised_error(tmp_path, 0, trace).message
     assert launch_mod._exited_error(1, 3).message == "training process 1 exited with code 3"
 

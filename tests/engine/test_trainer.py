@@ -106,7 +106,7 @@ def _poison_at(model, iterations_calls):
     model.forward = poisoned
 
 
-def test_skip_nonfinite_skips_batches_without_a_step_then_fails(tiny_overrides, capsys):
+def test_skip_nonfinite_skips_batches_without_a_step_then_fails(tiny_overrides, caplog):
     _, model, trainer = make_trainer(tiny_overrides)
     trainer.skip_nonfinite = 2
     _poison_at(model, {1, 2, 4})  # iteration 1 needs three batches; iteration 2 hits the third bad one
@@ -121,7 +121,7 @@ def test_skip_nonfinite_skips_batches_without_a_step_then_fails(tiny_overrides, 
     assert message.startswith("non-finite loss at iteration 2: loss_distill (distillation) = nan")
     assert "after skipping 2 such batches, the --skip-nonfinite limit" in message and "no checkpoint written yet" in message
     assert "BASE_LR" in info.value.hint
-    err = capsys.readouterr().err
+    err = "\n".join(r.getMessage() for r in caplog.records if r.name == "lgd_cli" and r.levelname == "WARNING")
     assert "iteration 1: non-finite loss loss_distill (distillation) = nan; batch skipped" in err
     assert "(2 of --skip-nonfinite 2)" in err
 
