@@ -139,15 +139,7 @@ def train(
         cfg, output, resume=resume, force=force, num_processes=gpus,
         num_machines=machines, machine_rank=machine_rank, dist_url=dist_url, join_timeout=join_timeout,
         display=TerminalDisplay())
-    from lgd_cli.console import metrics_table
-
-    if machine_rank == 0:
-        console.print(metrics_table("training finished", summary))
-        console.print(f"evaluate it: lgd eval {summary['final_checkpoint']}")
-    else:
-        console.print(metrics_table(f"training finished (machine {machine_rank} of {machines})", summary))
-        console.print(f"machine 0 wrote the run (checkpoints, metrics, summary.json) to {summary['output']}; "
-                      f"evaluate it there: lgd eval {summary['final_checkpoint']}")
+    render.training(summary, machine_rank=machine_rank, machines=machines)
 
 
 @app.command("eval")

@@ -37,7 +37,7 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) 
 
 
 def _fmt(value: object) -> str:
-    if isinstance(value, float) and value != value:
+    if value is None or (isinstance(value, float) and value != value):
         return "n/a"  # detectron2 reports NaN where COCOeval has nothing to score (e.g. no large objects)
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
@@ -63,9 +63,9 @@ def task_progress() -> Progress:
     )
 
 
-# Log records carrying this attribute repeat what a progress bar shows (the periodic training
-# lines): a terminal with the bar does not print them, a file or pipe gets them.
-PERIODIC = "lgd_periodic"
+# The logger of the periodic training lines (lgd_cli/engine/logs.py): they repeat what the progress
+# bar shows, so a terminal does not print them; a file or pipe gets them.
+PERIODIC_LOGGER = "lgd_cli.periodic"
 _HANDLER_TAG = "_lgd_console"
 
 
@@ -96,7 +96,7 @@ class _StdStream(logging.StreamHandler):
 
 class _NotPeriodic(logging.Filter):
     def filter(self, record):
-        return not getattr(record, PERIODIC, False)
+        return record.name != PERIODIC_LOGGER
 
 
 def setup_logging() -> None:

@@ -17,6 +17,30 @@ if TYPE_CHECKING:
 
 def evaluation(results: dict) -> None:
     """Print the AP tables of `evaluate_checkpoint`'s result."""
+    _ap_tables(results)
+    console.print(f"metrics written to {results['metrics_file']}")
+
+
+def training(summary: dict, *, machine_rank: int = 0, machines: int = 1) -> None:
+    """Print `train`'s summary and, when it evaluated after the last iteration, the AP tables."""
+    scalars = {k: v for k, v in summary.items() if k != "evaluation"}
+    if machine_rank == 0:
+        console.print(metrics_table("training finished", scalars))
+    else:
+        console.print(metrics_table(f"training finished (machine {machine_rank} of {machines})", scalars))
+    if summary.get("evaluation"):
+        _ap_tables(summary["evaluation"], per_category=False)
+        console.print(f"evaluated after iteration {summary['evaluation']['iteration']}; per-category AP: "
+                      f"lgd eval {summary['final_checkpoint']}", highlight=False, soft_wrap=True)
+    if machine_rank == 0:
+        console.print(f"evaluate it: lgd eval {summary['final_checkpoint']}")
+    else:
+        console.print(f"machine 0 wrote the run (checkpoints, metrics, summary.json) to {summary['output']}; "
+                      f"evaluate it there: lgd eval {summary['final_checkpoint']}")
+
+
+def _ap_tables(results: dict, per_category: bool = True) -> None:
+    """The AP tables of {"dataset": json file, "student": {task: metrics}, ["teacher": ...]}."""
     from lgd_cli.engine.evaluate import SUMMARY_KEYS
 
     for who in ("student", "teacher"):
@@ -29,9 +53,8 @@ def evaluation(results: dict) -> None:
                 console.print("note: the teacher reads the ground truth, so its AP is an upper bound, "
                               "not a deployable model's", soft_wrap=True, highlight=False)
             per_class = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
-            if per_class:
+            if per_class and per_category:
                 console.print(table(f"{who} {task} AP per category", ["category", "AP"], per_class))
-    console.print(f"metrics written to {results['metrics_file']}")
 
 
 def export(result: ExportResult) -> None:

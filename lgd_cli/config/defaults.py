@@ -150,6 +150,10 @@ def add_lgd_config(cfg: CN) -> None:
     lgd.RELATIVE_SCHEDULE.WARMUP = 0.05
     lgd.CHECKPOINT_KEEP = 3  # newest periodic checkpoints kept (final always kept)
     lgd.SKIP_NONFINITE = 0  # batches with a non-finite loss skipped (no step) before training fails
+    lgd.LOG_PERIOD = 20  # iterations between log.txt lines (losses, LRs, ETA) and metrics.json/TensorBoard writes
+    # Evaluate the student (and the teacher where MODEL.DISTILLATOR.EVAL_TEACHER) after the last
+    # iteration: the AP in summary.json and metrics.json. False: only TEST.EVAL_PERIOD's evaluations.
+    lgd.EVAL_AT_END = True
     # What `lgd presets` shows; the paper's COCO val mAP for the paper rows.
     lgd.META = CN()
     lgd.META.DETECTOR = ""

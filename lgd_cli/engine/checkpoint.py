@@ -111,6 +111,10 @@ class LgdCheckpointer(SafeDetectionCheckpointer):
         checkpointables: objects with state_dict/load_state_dict (the trainer).
     """
 
+    # Written beside the run's checkpoints but never resumed from, nor named by last_checkpoint: the
+    # best periodic evaluation's weights (BestCheckpointer), an older state than the newest.
+    NOT_RESUMED = ("model_best",)
+
     def __init__(self, model, save_dir: str, cfg, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self._lgd = lgd_metadata(cfg)
@@ -128,6 +132,8 @@ class LgdCheckpointer(SafeDetectionCheckpointer):
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {target}: {exc.strerror or exc}",
                                   hint="the previous checkpoint is intact; free disk space and --resume") from None
+        if name in self.NOT_RESUMED:
+            return
         self.tag_last_checkpoint(target.name)
         self.last_saved = str(target)
 
@@ -144,7 +150,8 @@ class LgdCheckpointer(SafeDetectionCheckpointer):
         file is skipped with a warning naming it, so the previous complete one is used.
         """
         last = self.get_checkpoint_file() if self.has_checkpoint() else None
-        files = [p for p in self.get_all_checkpoint_files() if Path(p).name.startswith("model_") or p == last]
+        files = [p for p in self.get_all_checkpoint_files()
+                 if (Path(p).name.startswith("model_") and Path(p).stem not in self.NOT_RESUMED) or p == last]
         if not files:
             return None
         candidates = sorted(files, key=lambda p: (os.path.getmtime(p), p == last), reverse=True)

@@ -6,7 +6,7 @@ import signal
 import threading
 
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 
 from lgd_cli.errors import LgdError
@@ -75,6 +75,20 @@ class GatherResumeStateHook(HookBase):
         it = self.trainer.iter
         if comm.get_world_size() > 1 and ((it + 1) % self.period == 0 or it >= self.trainer.max_iter - 1):
             self.trainer.gather_resume_state()
+
+
+class FinalCheckpointer(PeriodicCheckpointer):
+    """detectron2's PeriodicCheckpointer, but the last iteration is saved once, as model_final.
+
+    fvcore's saves it twice when MAX_ITER is a multiple of the period (model_{MAX_ITER-1} and an
+    identical model_final); resuming reads last_checkpoint, which then names model_final.
+    """
+
+    def step(self, iteration: int, **kwargs):
+        if self.max_iter is not None and int(iteration) >= self.max_iter - 1:
+            self.checkpointer.save(f"{self.file_prefix}_final", iteration=int(iteration), **kwargs)
+            return
+        super().step(iteration, **kwargs)
 
 
 class ProgressHook(HookBase):

@@ -1,25 +1,30 @@
 """train(cfg): output folder, datasets, model, optimisers, trainer and hooks, in one or many processes."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import hooks as d2hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import JSONWriter, TensorboardXWriter
+from detectron2.utils.events import TensorboardXWriter
 
-from lgd_cli.data.datasets import register_config_datasets
+from lgd_cli.data.datasets import VAL_DATASET, register_config_datasets
 from lgd_cli.data.loader import build_train_loader
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.engine.checkpoint import LgdCheckpointer
-from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdScheduleHook, ProgressHook
+from lgd_cli.engine.hooks import (FinalCheckpointer, GatherResumeStateHook, GracefulStopHook, LgdScheduleHook,
+                                  ProgressHook)
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
-from lgd_cli.engine.logs import log_to_file
+from lgd_cli.engine.logs import (OrderedJSONWriter, TrainingLogWriter, finite_or_none, log_banner,
+                                  log_to_file)
 from lgd_cli.engine.optimizers import build_optimizers
 from lgd_cli.engine.rng import preserved_rng
 from lgd_cli.engine.run_folder import clear_run, holds_run, prepare_output
@@ -29,6 +34,9 @@ from lgd_cli.files import atomic_write_bytes, repair_json_lines
 from lgd_cli.modeling.backbones.pretrained import load_pretrained_weights, resolve_weights_path
 from lgd_cli.modeling.distiller import build_distiller
 
+logger = logging.getLogger("lgd_cli")
+# model_best.pth: the checkpoint of the best periodic evaluation by this metric (TEST.EVAL_PERIOD > 0).
+BEST_METRIC, BEST_CHECKPOINT = "student/bbox/AP", "model_best"
 # Config keys that may differ between the machines of one run: paths on each machine's own disks.
 MACHINE_KEYS = ("OUTPUT_DIR", "MODEL.WEIGHTS", "LGD.DATA.ROOT", "LGD.DATA.TRAIN_JSON", "LGD.DATA.TRAIN_IMAGES",
                 "LGD.DATA.VAL_JSON", "LGD.DATA.VAL_IMAGES")
@@ -66,6 +74,8 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
     existed = output.exists()
     try:
         check_processes(num_processes, num_machines, machine_rank, use_cuda=use_cuda, dist_url=dist_url)
+        if cfg.LGD.LOG_PERIOD < 1:
+            raise ConfigError(f"LGD.LOG_PERIOD must be 1 or more, got {cfg.LGD.LOG_PERIOD}")
         if resume and force:
             raise ConfigError("--resume and --force contradict each other: continue the run, or start afresh")
         register_config_datasets(cfg)
@@ -144,7 +154,8 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
         Path(output).mkdir(parents=True, exist_ok=True)  # another machine's own folder, for its log
     log_to_file(Path(output) / ("log.txt" if rank == 0 else f"log.txt.rank{rank}"))
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
-    register_config_datasets(cfg, splits=("train", "val") if cfg.TEST.EVAL_PERIOD > 0 else ("train",))
+    evaluates = cfg.TEST.EVAL_PERIOD > 0 or cfg.LGD.EVAL_AT_END
+    register_config_datasets(cfg, splits=("train", "val") if evaluates else ("train",))
 
     model = build_distiller(cfg)
     optimizers, schedulers = build_optimizers(cfg, model)
@@ -161,7 +172,8 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
                          amp=MixedPrecision.from_config(cfg))
     checkpointer = LgdCheckpointer(model, output, cfg, trainer=trainer)
     trainer.checkpointer = checkpointer  # named in error messages (the newest complete checkpoint)
-    trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output, display))
+    evaluations = Evaluations()
+    trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output, display, evaluations))
 
     start_iter = 0
     found = _resume_checkpoint(checkpointer, Path(output), cfg.MODEL.DEVICE.startswith("cuda")) if resume else None
@@ -175,8 +187,20 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
                 os.unlink(local)
         checkpointer.last_saved = path
         start_iter = trainer.iter + 1
-        logging.getLogger("lgd_cli").info(f"resuming from {path} at iteration {start_iter}"
+        logger.info(f"resuming from {path} at iteration {start_iter}"
                                           + (" (sent by the main process)" if copy else ""))
+    if start_iter >= cfg.SOLVER.MAX_ITER:
+        finished = _finished_summary(Path(output), cfg) if comm.is_main_process() else None
+        if comm.get_world_size() > 1:
+            finished = comm.all_gather(finished)[0]
+        if finished is not None:
+            logger.info(f"{output} already finished its {cfg.SOLVER.MAX_ITER} iterations: nothing to train, "
+                        "summary.json and metrics.json kept")
+            return finished if comm.is_main_process() else None
+    if comm.is_main_process():
+        log_banner(cfg, Path(output), start_iter=start_iter, processes=comm.get_world_size(),
+                   train_images=len(trainer.data_loader.dataset),
+                   val_images=len(DatasetCatalog.get(VAL_DATASET)) if evaluates else None, resumed_from=path)
     if resume and comm.is_main_process():
         # A kill can tear the last line; lines of iterations about to be redone would repeat.
         repair_json_lines(Path(output) / "metrics.json", keep=lambda rec: rec.get("iteration", -1) < start_iter)
@@ -200,12 +224,62 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
             "nonfinite_skipped": trainer.nonfinite_skipped,
             "amp_skipped": trainer.amp_skipped,
         }
+        if evaluations.final is not None:
+            summary["evaluation"] = finite_or_none({"iteration": cfg.SOLVER.MAX_ITER,
+                                                    "dataset": MetadataCatalog.get(VAL_DATASET).json_file,
+                                                    **evaluations.final})
+        if start_iter >= cfg.SOLVER.MAX_ITER:
+            # A finished run resumed without a usable summary.json: keep what the old one knew
+            # (the step time and loss of iterations this process did not run).
+            previous = _read_summary(Path(output))
+            summary = {**previous, **{k: v for k, v in summary.items() if v is not None}}
         atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         return summary
     return None
 
 
-def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None) -> list:
+def _read_summary(output: Path) -> dict:
+    try:
+        previous = json.loads((output / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _finished_summary(output: Path, cfg) -> dict | None:
+    """summary.json of a run that finished with this config's iterations (and its final evaluation where
+    LGD.EVAL_AT_END asks for one), or None: resuming it has something left to do."""
+    summary = _read_summary(output)
+    if summary.get("iterations") != cfg.SOLVER.MAX_ITER or not (output / "model_final.pth").is_file():
+        return None
+    if cfg.LGD.EVAL_AT_END and "evaluation" not in summary:
+        return None
+    return summary
+
+
+class Evaluations:
+    """The results of the evaluation after the last iteration, once EvalHook ran it (main process)."""
+
+    def __init__(self):
+        self.final: dict | None = None
+
+
+class LgdEvalHook(d2hooks.EvalHook):
+    """detectron2's EvalHook (every `eval_period`, and after the last iteration) whose final evaluation
+    can be turned off (LGD.EVAL_AT_END=False)."""
+
+    def __init__(self, eval_period: int, eval_function, at_end: bool = True):
+        super().__init__(eval_period, eval_function)
+        self.at_end = at_end
+
+    def after_train(self):
+        if self.at_end:
+            super().after_train()
+        else:
+            del self._func  # as detectron2's: the closure holds the trainer
+
+
+def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None, evaluations: Evaluations | None = None) -> list:
     d = cfg.MODEL.DISTILLATOR
     hooks = [
         d2hooks.IterationTimer(),
@@ -215,27 +289,48 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None) -> l
     if comm.get_world_size() > 1:
         hooks.append(GatherResumeStateHook(cfg.SOLVER.CHECKPOINT_PERIOD))
     if comm.is_main_process():
-        hooks.append(d2hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
-                                                  max_to_keep=cfg.LGD.CHECKPOINT_KEEP))
+        hooks.append(FinalCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=cfg.LGD.CHECKPOINT_KEEP))
     hooks.append(GracefulStopHook(checkpointer))
-    if cfg.TEST.EVAL_PERIOD > 0:
+    if cfg.TEST.EVAL_PERIOD > 0 or cfg.LGD.EVAL_AT_END:
         from lgd_cli.engine.evaluate import evaluate_model
 
-        hooks.append(d2hooks.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: _periodic_eval(cfg, model, output, evaluate_model)))
+        evaluations = evaluations or Evaluations()
+        hook = LgdEvalHook(cfg.TEST.EVAL_PERIOD, lambda: _periodic_eval(cfg, hook.trainer, model, output, evaluate_model,
+                                                                        evaluations, display),
+                           at_end=cfg.LGD.EVAL_AT_END)
+        hooks.append(hook)
+        if cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
+            # After the EvalHook, whose results it reads; model_best.pth is never resumed from.
+            hooks.append(d2hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, checkpointer, BEST_METRIC, mode="max",
+                                                  file_prefix=BEST_CHECKPOINT))
     if comm.is_main_process():
-        hooks.append(d2hooks.PeriodicWriter([JSONWriter(str(Path(output) / "metrics.json")),
-                                             TensorboardXWriter(output)], period=20))
+        hooks.append(d2hooks.PeriodicWriter([OrderedJSONWriter(str(Path(output) / "metrics.json")),
+                                             TensorboardXWriter(output),
+                                             TrainingLogWriter(cfg.SOLVER.MAX_ITER, cfg.MODEL.DEVICE)],
+                                            period=cfg.LGD.LOG_PERIOD))
         if display is not None:
             hooks.append(ProgressHook(display))
     return hooks
 
 
-def _periodic_eval(cfg, model, output, evaluate_model) -> dict:
+def _periodic_eval(cfg, trainer, model, output, evaluate_model, evaluations: Evaluations, display) -> dict:
     # Evaluation draws no number from the training RNGs: a resumed run (which does not repeat
     # the evaluation at its checkpoint) continues the same random stream.
     with preserved_rng():
-        results = {"student": evaluate_model(cfg, model, Path(output) / "eval", teacher=False)}
+        results = {"student": evaluate_model(cfg, model, Path(output) / "eval", teacher=False, display=display)}
         if cfg.MODEL.DISTILLATOR.ENABLED and cfg.MODEL.DISTILLATOR.EVAL_TEACHER:
-            results["teacher"] = evaluate_model(cfg, model, Path(output) / "eval-teacher", teacher=True)
+            results["teacher"] = evaluate_model(cfg, model, Path(output) / "eval-teacher", teacher=True,
+                                                display=display)
+    done = min(trainer.iter + 1, trainer.max_iter)  # after_train runs with iter == max_iter
+    if done >= trainer.max_iter:
+        evaluations.final = copy.deepcopy(results)
+    if comm.is_main_process():
+        logger.info(f"evaluation after {done} iterations: " + "; ".join(
+            f"{who} {task} " + "  ".join(f"{k} {_number(metrics.get(k))}" for k in ("AP", "AP50", "AP75"))
+            for who, res in results.items() for task, metrics in res.items()))
     # EvalHook writes these flattened into metrics.json / TensorBoard.
     return {f"{who}/{task}": metrics for who, res in results.items() for task, metrics in res.items()}
+
+
+def _number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
