@@ -320,6 +320,22 @@ def compare(
                        hint="each run's log is compare.log in its folder; re-run the same command with --resume")
 
 
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., help="Run folders of `lgd train` (each with its metrics.json), overlaid."),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="PNG file to write."),
+) -> None:
+    """Draw the loss terms and AP against iteration of one or more training runs (needs the `plot` extra).
+
+    Example: `lgd plot output/demo output/demo-baseline --output curves.png`; live curves of a
+    running training: `tensorboard --logdir output/`.
+    """
+    from lgd_cli.compare.plots import plot_runs
+
+    written = plot_runs(runs, output)
+    console.print(f"wrote {written}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console entry point: run the app, turn LgdError and Ctrl-C into messages and exit codes."""
     try:

@@ -1,6 +1,8 @@
-"""The comparison's PNGs (matplotlib, the optional `plot` extra): AP vs iteration and the loss curves.
+"""The PNGs (matplotlib, the optional `plot` extra): a comparison's AP and loss curves, and `lgd plot`'s
+curves of any run folders.
 
-Without matplotlib nothing is drawn and the report says so; every number is still in compare.json.
+Without matplotlib a comparison draws nothing and its report says so (every number is still in
+compare.json); `lgd plot` fails with the install hint.
 """
 from __future__ import annotations
 
@@ -55,6 +57,76 @@ def _shade_window(ax, window) -> None:
         ax.axvspan(first, last, color="0.92", zorder=0, label="distillation on")
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_runs(folders: list[Path], output: Path) -> Path:
+    """`lgd plot`: loss terms and AP against iteration of training runs, overlaid, labelled by folder name.
+
+    Each folder's metrics.json (written by `lgd train`) gives the curves; one panel per loss term
+    (the median of the last 20 iterations, as logged) and one for the student's bbox AP of each
+    evaluation (the teacher's dashed where it was evaluated).
+
+    Raises:
+        LgdError: matplotlib is missing, or a folder has no metrics.json.
+    """
+    from lgd_cli.compare.worker import eval_rows, read_metrics
+    from lgd_cli.errors import DataError, LgdError
+
+    try:
+        plt = _pyplot()
+    except ImportError:
+        raise LgdError("lgd plot needs matplotlib, which is not installed", hint="pip install 'lgd[plot]'") from None
+    runs = []
+    for folder in map(Path, folders):
+        if not (folder / "metrics.json").is_file():
+            raise DataError(f"{folder} has no metrics.json: not a run folder of `lgd train`",
+                            hint="give the --output folder of a training run, e.g. output/demo")
+        config = folder / "config.yaml"
+        max_iter = distillation_window(config)[2] if config.is_file() else 10**12
+        runs.append((folder.resolve().name or str(folder), read_metrics(folder / "metrics.json"), max_iter))
+    terms = sorted({k for _, rows, _ in runs for row in rows for k in row if k.startswith("loss_")})
+    panels = ["total_loss", *terms, "AP"]
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.4 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        for i, (name, rows, max_iter) in enumerate(runs):
+            color = colors[i % len(colors)]
+            if panel == "AP":
+                for who, style in (("student", "-"), ("teacher", "--")):
+                    points = sorted((x, m["AP"]) for x, m in eval_rows(rows, max_iter, who).items()
+                                    if isinstance(m.get("AP"), (int, float)))
+                    if points:
+                        ax.plot(*zip(*points), linestyle=style, marker="o", color=color,
+                                label=name if who == "student" else f"{name} teacher")
+            else:
+                points = [(row["iteration"] + 1, row[panel]) for row in rows
+                          if isinstance(row.get(panel), (int, float))]
+                if points:
+                    ax.plot(*zip(*points), color=color, label=name)
+        ax.set_title("student bbox AP (teacher dashed)" if panel == "AP" else panel, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=80)
+    plt.close(fig)
+    return output
+
+
 def write_plots(report: dict, results: dict, output: Path) -> tuple[list[str], str | None]:
     """Write ap.png and losses.png into `output`.
 
@@ -65,10 +137,7 @@ def write_plots(report: dict, results: dict, output: Path) -> tuple[list[str], s
         (file names written, why plots were skipped or None).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
     except ImportError:
         return [], "matplotlib is not installed (pip install 'lgd[plot]')"
     if not report["runs"]:

@@ -67,7 +67,8 @@ def evaluate_model(cfg, model, output_dir: Path, *, teacher: bool = False, datas
         {"bbox": {"AP": ..., "AP50": ..., "AP-<class>": ...}} (+ "segm" with masks).
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if comm.is_main_process():  # the one that writes (another machine's --output gets no eval folder)
+        output_dir.mkdir(parents=True, exist_ok=True)
     loader = build_detection_test_loader(cfg, dataset, mapper=_test_mapper(cfg, teacher))
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     evaluator = COCOEvaluator(dataset, tasks=tasks, distributed=True, output_dir=str(output_dir), use_fast_impl=False)

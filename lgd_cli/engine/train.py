@@ -1,7 +1,6 @@
 """train(cfg): output folder, datasets, model, optimisers, trainer and hooks, in one or many processes."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -187,8 +186,7 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
                 os.unlink(local)
         checkpointer.last_saved = path
         start_iter = trainer.iter + 1
-        logger.info(f"resuming from {path} at iteration {start_iter}"
-                                          + (" (sent by the main process)" if copy else ""))
+        logger.info(f"resuming from {path} at iteration {start_iter}" + (" (sent by the main process)" if copy else ""))
     if start_iter >= cfg.SOLVER.MAX_ITER:
         finished = _finished_summary(Path(output), cfg) if comm.is_main_process() else None
         if comm.get_world_size() > 1:
@@ -323,7 +321,7 @@ def _periodic_eval(cfg, trainer, model, output, evaluate_model, evaluations: Eva
                                                 display=display)
     done = min(trainer.iter + 1, trainer.max_iter)  # after_train runs with iter == max_iter
     if done >= trainer.max_iter:
-        evaluations.final = copy.deepcopy(results)
+        evaluations.final = results  # evaluate_model's own copies
     if comm.is_main_process():
         logger.info(f"evaluation after {done} iterations: " + "; ".join(
             f"{who} {task} " + "  ".join(f"{k} {_number(metrics.get(k))}" for k in ("AP", "AP50", "AP75"))

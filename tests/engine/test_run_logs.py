@@ -93,3 +93,27 @@ def test_cli_train_prints_log_lines_and_ap_when_stdout_is_no_terminal(tiny_overr
     assert "lgd train: preset demo" in result.output and "starting at iteration 0" in result.output
     assert "iter 2/4" in result.output and "iter 4/4" in result.output and "loss_distill" in result.output
     assert "student bbox AP on" in result.output.replace("\n", " ")
+
+
+def test_lgd_plot_draws_the_runs_overlaid(finished_run, tmp_path, capsys):
+    from conftest import run_cli
+
+    _, out, _ = finished_run
+    png = tmp_path / "curves" / "runs.png"
+    assert run_cli("plot", str(out), str(out), "--output", str(png)) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+
+
+def test_lgd_plot_names_a_folder_without_metrics_and_a_missing_matplotlib(finished_run, tmp_path, monkeypatch):
+    import sys
+
+    from lgd_cli.compare.plots import plot_runs
+    from lgd_cli.errors import DataError, LgdError
+
+    _, out, _ = finished_run
+    with pytest.raises(DataError, match=f"{tmp_path} has no metrics.json"):
+        plot_runs([out, tmp_path], tmp_path / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the `plot` extra sees
+    with pytest.raises(LgdError, match="needs matplotlib") as info:
+        plot_runs([out], tmp_path / "x.png")
+    assert "lgd[plot]" in info.value.hint and not (tmp_path / "x.png").exists()
