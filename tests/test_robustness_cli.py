@@ -206,7 +206,8 @@ def test_resume_falls_back_from_a_truncated_checkpoint_and_repairs_metrics(capsy
                                                                              tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_checkpoint.parent, run)
-    final = run / "model_final.pth"  # iteration 1, as model_0000001.pth
+    final = run / "model_final.pth"  # iteration 1
+    shutil.copy(final, run / "model_0000001.pth")  # a periodic checkpoint to fall back on, as at CHECKPOINT_PERIOD 1
     final.write_bytes(final.read_bytes()[:1000])
     with open(run / "metrics.json", "a") as f:
         f.write('{"iteration": 7, "total_loss": 1.0}\n{"iteration": 8, "total_lo')  # a kill mid-line

@@ -264,17 +264,20 @@ class Evaluations:
 
 class LgdEvalHook(d2hooks.EvalHook):
     """detectron2's EvalHook (every `eval_period`, and after the last iteration) whose final evaluation
-    can be turned off (LGD.EVAL_AT_END=False)."""
+    can be turned off (LGD.EVAL_AT_END=False), and never follows a failed or stopped training.
+
+    detectron2's also evaluates when the last iteration raised (its test is iter + 1 >= max_iter);
+    the loop leaves iter at max_iter or more only when it finished.
+    """
 
     def __init__(self, eval_period: int, eval_function, at_end: bool = True):
         super().__init__(eval_period, eval_function)
         self.at_end = at_end
 
     def after_train(self):
-        if self.at_end:
-            super().after_train()
-        else:
-            del self._func  # as detectron2's: the closure holds the trainer
+        if self.at_end and self.trainer.iter >= self.trainer.max_iter:
+            self._do_eval()
+        del self._func  # as detectron2's: the closure holds the trainer
 
 
 def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None, evaluations: Evaluations | None = None) -> list:

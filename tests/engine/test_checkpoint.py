@@ -141,3 +141,15 @@ def test_rng_and_data_state_load_with_weights_only(tmp_path):
     buffer.seek(0)
     restore_rng_state(torch.load(buffer, weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_model_best_is_neither_pointed_at_nor_resumed_from(tiny_cfg, tmp_path):
+    import os
+
+    checkpointer = _checkpointer(tiny_cfg, tmp_path)
+    checkpointer.save("model_0000002")
+    checkpointer.save("model_best")  # BestCheckpointer's: an older state than the newest checkpoint
+    os.utime(tmp_path / "model_best.pth", (2e9, 2e9))
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert checkpointer.last_saved == str(tmp_path / "model_0000002.pth")
+    assert checkpointer.resume_path() == str(tmp_path / "model_0000002.pth")
