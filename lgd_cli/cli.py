@@ -327,8 +327,9 @@ def plot(
 ) -> None:
     """Draw the loss terms and AP against iteration of one or more training runs (needs the `plot` extra).
 
-    Example: `lgd plot output/demo output/demo-baseline --output curves.png`; live curves of a
-    running training: `tensorboard --logdir output/`.
+    Example: `lgd plot output/demo output/demo-baseline --output curves.png`.
+
+    Live curves of a running training: `tensorboard --logdir output/`.
     """
     from lgd_cli.compare.plots import plot_runs
 
