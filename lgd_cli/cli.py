@@ -127,7 +127,7 @@ def train(
     if output is None:
         output = Path("output") / (cfg.LGD.PRESET + ("" if cfg.MODEL.DISTILLATOR.ENABLED else "-baseline"))
     summary = engine_train.train(
-        cfg, output, resume=resume, force=force, num_processes=gpus,
+        cfg, output, resume=resume, resume_required=resume, force=force, num_processes=gpus,
         num_machines=machines, machine_rank=machine_rank, dist_url=dist_url, join_timeout=join_timeout)
     from lgd_cli.console import metrics_table
 
@@ -142,7 +142,7 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train` (e.g. output/demo/model_final.pth)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train` (e.g. output/demo/model_final.pth), or its run folder (its last checkpoint)."),
     overrides: Optional[List[str]] = SET_OPTION,
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Evaluate on another COCO-format set: --data ANN.json --data IMAGES_DIR."),
     eval_teacher: bool = typer.Option(False, "--eval-teacher", help="Also evaluate the LGD teacher (it reads the ground truth: an upper bound, not a deployable model)."),
@@ -151,11 +151,12 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint with COCO metrics (AP, AP50, AP75, APs/m/l, per category)."""
     from lgd_cli.engine import evaluate as engine_eval
+    from lgd_cli.engine.checkpoint import resolve_checkpoint
 
     if data and len(data) != 2:
         raise typer.BadParameter("give --data twice: the annotation json, then the image folder", param_hint="--data")
     results = engine_eval.evaluate_checkpoint(
-        checkpoint, overrides=list(overrides or []), data=tuple(data) if data else None,
+        resolve_checkpoint(checkpoint), overrides=list(overrides or []), data=tuple(data) if data else None,
         eval_teacher=eval_teacher, output=output, device=device)
     render.evaluation(results)
 
@@ -220,19 +221,20 @@ def convert_swin_weights(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`, or its run folder (its last checkpoint)."),
     format: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file. Default: <checkpoint folder>/model.ts or model.onnx; the sidecar is <output>.json."),
 ) -> None:
     """Export the student detector alone (no LGD modules) to TorchScript or ONNX, and verify it."""
     from lgd_cli import export as engine_export
+    from lgd_cli.engine.checkpoint import resolve_checkpoint
 
-    render.export(engine_export.export_checkpoint(checkpoint, format, output))
+    render.export(engine_export.export_checkpoint(resolve_checkpoint(checkpoint), format, output))
 
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`, or its run folder (its last checkpoint)."),
     images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...)."),
     output: Path = typer.Option(Path("predictions"), "--output", "-o", help="Folder for one drawn PNG per image and detections.json."),
     score_thresh: float = typer.Option(0.5, "--score-thresh", min=0.0, max=1.0, help="Keep detections scoring above this (0-1)."),
@@ -240,8 +242,9 @@ def predict(
 ) -> None:
     """Detect objects in images with a checkpoint's student: drawn PNGs and COCO-format detections."""
     from lgd_cli.engine import predict as engine_predict
+    from lgd_cli.engine.checkpoint import resolve_checkpoint
 
-    render.predictions(engine_predict.predict(checkpoint, images, output, score_thresh=score_thresh, device=device))
+    render.predictions(engine_predict.predict(resolve_checkpoint(checkpoint), images, output, score_thresh=score_thresh, device=device))
 
 
 @app.command()
@@ -323,6 +326,11 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except LgdError as exc:
+        if exc.exit_code == 0:  # RunFinished: nothing to do, which is not a failure
+            console.print(exc.message, highlight=False, soft_wrap=True)
+            if exc.hint:
+                console.print(exc.hint, highlight=False, soft_wrap=True)
+            sys.exit(0)
         if os.environ.get("LGD_DEBUG") == "1":
             raise
         print_error(exc.message, exc.hint)
