@@ -288,16 +288,18 @@ def export(
 @app.command()
 def predict(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `lgd train`, or its run folder (its last checkpoint)."),
-    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...)."),
-    output: Path = typer.Option(Path("predictions"), "--output", "-o", help="Folder for one drawn PNG per image and detections.json."),
+    images: List[str] = typer.Argument(..., help="Image files, folders (their image files) or quoted glob patterns ('photos/*.jpg')."),
+    output: Path = typer.Option(Path("predictions"), "--output", "-o", help="Folder for one drawn PNG per image (small images enlarged) and detections.json."),
     score_thresh: float = typer.Option(0.5, "--score-thresh", min=0.0, max=1.0, help="Keep detections scoring above this (0-1)."),
+    data: Optional[Path] = typer.Option(None, "--data", exists=True, dir_okay=False, metavar="ANN.json", help="COCO json listing the images: detections.json uses its image ids (matched by file_name)."),
     device: DeviceOption = None,
 ) -> None:
     """Detect objects in images with a checkpoint's student: drawn PNGs and COCO-format detections."""
     from lgd_cli.engine import predict as engine_predict
     from lgd_cli.engine.checkpoint import resolve_checkpoint
 
-    render.predictions(engine_predict.predict(resolve_checkpoint(checkpoint), images, output, score_thresh=score_thresh, device=device))
+    render.predictions(engine_predict.predict(resolve_checkpoint(checkpoint), images, output, score_thresh=score_thresh,
+                                              device=device, annotations=data))
 
 
 @app.command()

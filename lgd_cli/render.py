@@ -59,10 +59,23 @@ def export(result: ExportResult) -> None:
 
 
 def predictions(result: PredictResult) -> None:
-    """Print one row per image and where the detections went."""
+    """Print one row per image and where the detections went; say where nothing passed the threshold."""
+    from lgd_cli.engine.predict import suggested_threshold
 
-    rows = [[str(image), count, str(png)] for image, png, count in result.images]
-    console.print(table(f"lgd predict (score > {result.score_thresh:g})", ["image", "detections", "drawn"], rows))
+    rows = [[str(image), count, "-" if best is None else f"{best:.2g}", str(png)]
+            for image, png, count, best in result.images]
+    console.print(table(f"lgd predict (score > {result.score_thresh:g})", ["image", "detections", "best score", "drawn"],
+                        rows))
+    empty = [best for _, _, count, best in result.images if count == 0]
+    if empty:
+        where = (f"in {len(empty)} image{'' if len(empty) == 1 else 's'}" if len(empty) == len(result.images)
+                 else f"in {len(empty)} of {len(result.images)} images")
+        line = f"no detection above {result.score_thresh:g} {where}"
+        scores = [best for best in empty if best is not None]
+        if scores:
+            line += (f"; the best score was {max(scores):.2g}: try --score-thresh "
+                     f"{suggested_threshold(max(scores)):g}")
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     console.print(f"detections written to {result.detections_file} (COCO results format)")
 
 
