@@ -107,3 +107,35 @@ def test_resume_of_a_finished_run_changes_nothing(capsys, trained_checkpoint, ti
     monkeypatch.setattr(engine_train, "launch", lambda *a, **k: seen.append(k["args"][2]) or {"final_checkpoint": "x"})
     assert run_cli("train", *sets(pairs + ["SOLVER.MAX_ITER=4"]), "--resume", "--output", str(run)) == 0
     assert seen == [True]
+
+
+def test_resume_of_a_finished_run_stops_every_machine_with_the_note(trained_checkpoint, tiny_overrides, tmp_path):
+    import socket
+    import threading
+
+    from lgd_cli.config.build import build_config
+    from lgd_cli.engine.train import train
+    from lgd_cli.errors import RunFinished
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent, run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    cfg = build_config("demo", tiny_overrides + ["SOLVER.MAX_ITER=2"], device="cpu")
+    common = {"resume": True, "num_machines": 2, "dist_url": url, "join_timeout": 30}
+    raised = []
+
+    def machine_0():
+        try:
+            train(cfg, run, machine_rank=0, **common)
+        except RunFinished as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=machine_0, daemon=True)
+    thread.start()
+    with pytest.raises(RunFinished) as info:
+        train(cfg, tmp_path / "machine1", machine_rank=1, **common)
+    thread.join(30)
+    assert info.value.message == f"machine 0: {run} already finished at iteration 2; nothing to do"
+    assert info.value.exit_code == 0 and raised and raised[0].exit_code == 0
