@@ -40,8 +40,10 @@ def sniff_file(path: Path) -> str:
         head = f.read(4096)
     if not head:
         return "empty"
-    if head.startswith(_ZIP_MAGIC) or (head[0] == _PICKLE_PROTO and len(head) > 1 and 2 <= head[1] <= 5):
-        return "zip" if head.startswith(_ZIP_MAGIC) else "pickle"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[0] == _PICKLE_PROTO and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -56,7 +58,6 @@ def sniff_file(path: Path) -> str:
 
 
 def _looks_like_config(text: str) -> bool:
-
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -72,13 +73,11 @@ def _not_a_checkpoint(path: Path, kind: str) -> CheckpointError:
         return CheckpointError(f"{path} is a YAML file (a config?), not a checkpoint",
                                hint=f"train from it with lgd train --preset {path}")
     if kind == "text":
-        return CheckpointError(f"{path} is a text file, not a checkpoint",
-                               hint=_CHECKPOINT_HINT)
+        return CheckpointError(f"{path} is a text file, not a checkpoint", hint=_CHECKPOINT_HINT)
     if kind == "empty":
         return CheckpointError(f"{path} is not a readable checkpoint (the file is empty)",
                                hint="it may be truncated (interrupted copy or full disk)")
-    return CheckpointError(f"{path} is not a checkpoint (unknown format)",
-                           hint=_CHECKPOINT_HINT)
+    return CheckpointError(f"{path} is not a checkpoint (unknown format)", hint=_CHECKPOINT_HINT)
 
 
 def resolve_checkpoint(path: Path) -> Path:
