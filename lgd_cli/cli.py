@@ -79,6 +79,8 @@ TRAIN_OPTION_KEYS = {
     "skip_bad_images": "LGD.DATA.SKIP_BAD_IMAGES=True",
     "allow_outside_root": "LGD.DATA.ALLOW_OUTSIDE_ROOT=True",
 }
+COMPARE_OPTION_KEYS = {"iters": "SOLVER.MAX_ITER", "eval_period": "TEST.EVAL_PERIOD"}
+BENCHMARK_OPTION_KEYS = {"batch_size": "SOLVER.IMS_PER_BATCH"}
 
 
 def option_pairs(values: dict, keys: dict) -> list[str]:
@@ -304,6 +306,7 @@ def predict(
 
 @app.command()
 def benchmark(
+    ctx: typer.Context,
     preset: PresetOption = "demo",
     overrides: SetOption = None,
     iters: int = typer.Option(20, "--iters", min=1, help="Timed training steps per arm (after warm-up)."),
@@ -322,7 +325,7 @@ def benchmark(
     from lgd_cli.files import atomic_write_bytes
     from lgd_cli.config.build import build_config
 
-    pairs = [f"SOLVER.IMS_PER_BATCH={batch_size}"] if batch_size is not None else []
+    pairs = option_pairs(ctx.params, BENCHMARK_OPTION_KEYS)
     cfg = build_config(preset, pairs + list(overrides or []), device=device)
     result = run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export)
     render.benchmark(result)
@@ -333,6 +336,7 @@ def benchmark(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     preset: PresetOption = "demo",
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per arm (0..N-1); the interval needs at least 2."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations of every run (SOLVER.MAX_ITER). Default: the preset's."),
@@ -356,8 +360,7 @@ def compare(
     """
     from lgd_cli.compare.experiment import run_comparison
     from lgd_cli.compare.runner import make_settings
-    pairs = [f"SOLVER.MAX_ITER={iters}"] if iters is not None else []
-    pairs += [f"TEST.EVAL_PERIOD={eval_period}"] if eval_period is not None else []
+    pairs = option_pairs(ctx.params, COMPARE_OPTION_KEYS)
     pairs += _data_pairs(data_root, train_json, train_images, val_json, val_images)
     settings = make_settings(preset, pairs + list(overrides or []), seeds=seeds, device=device, interval=interval.value)
     if output is None:

@@ -154,6 +154,8 @@ def test_train_options_reach_their_config_keys(capsys, tiny_overrides, tmp_path)
 
 
 def test_export_and_compare_hand_their_choices_to_the_engines(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
     from lgd_cli import export as engine_export
     from lgd_cli.compare import experiment
 
@@ -164,5 +166,12 @@ def test_export_and_compare_hand_their_choices_to_the_engines(monkeypatch, tmp_p
     monkeypatch.setattr(experiment, "run_comparison",
                         lambda settings, output, **kw: seen.append(settings.interval) or {"failed": []})
     monkeypatch.setattr("lgd_cli.render.comparison", lambda report: None)
-    assert run("compare", "--interval", "bootstrap", "--output", str(tmp_path / "c")) == 0
-    assert seen == ["onnx", "bootstrap"]
+
+    def fake_settings(preset, pairs, **kwargs):
+        seen.append(pairs)
+        return SimpleNamespace(preset_file="demo.yaml", **kwargs)
+
+    monkeypatch.setattr("lgd_cli.compare.runner.make_settings", fake_settings)
+    assert run("compare", "--interval", "bootstrap", "--iters", "8", "--eval-period", "4",
+               "--output", str(tmp_path / "c")) == 0
+    assert seen == ["onnx", ["SOLVER.MAX_ITER=8", "TEST.EVAL_PERIOD=4"], "bootstrap"]
