@@ -36,6 +36,7 @@ def _lrs(scheduler, steps):
     out = []
     for _ in range(steps):
         out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()  # (no gradients: nothing moves; torch wants it before the scheduler's step)
         scheduler.step()
     return out
 
