@@ -32,7 +32,7 @@ data_app = typer.Typer(help="Create and inspect datasets.", no_args_is_help=True
 app.add_typer(data_app, name="data")
 
 
-class BadBoxes(str, Enum):
+class BadBoxes(str, Enum):  # lgd_cli.config.choices.BAD_BOX_POLICIES
     clip = "clip"
     drop = "drop"
     error = "error"

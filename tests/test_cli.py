@@ -122,10 +122,13 @@ def test_help_shows_no_value_for_flags_and_the_values_of_choices(command, monkey
         assert values in lines[option]
 
 
-def test_interval_choices_are_the_comparison_methods():
+def test_choices_are_those_the_engines_accept():
+    # cli.py declares them itself: importing their sources (torch, detectron2) would slow `lgd --help`.
     from lgd_cli.compare.stats import METHODS
+    from lgd_cli.config.choices import BAD_BOX_POLICIES
 
     assert tuple(m.value for m in cli.Interval) == METHODS
+    assert tuple(m.value for m in cli.BadBoxes) == BAD_BOX_POLICIES
 
 
 def test_train_options_reach_their_config_keys(capsys, tiny_overrides, tmp_path):
