@@ -34,3 +34,13 @@ class DataError(LgdError):
 class CheckpointError(LgdError):
     """A checkpoint or weights file that is missing, truncated or not ours."""
 
+
+
+class RunFinished(LgdError):
+    """A request that is already satisfied (`--resume` of a finished run): a note, exit status 0.
+
+    An exception, so that it stops the command on every machine of a multi-machine job as a failure
+    would; the CLI prints it without `error:`.
+    """
+
+    exit_code = 0

@@ -82,10 +82,23 @@ def export(result: ExportResult) -> None:
 
 
 def predictions(result: PredictResult) -> None:
-    """Print one row per image and where the detections went."""
+    """Print one row per image and where the detections went; say where nothing passed the threshold."""
+    from lgd_cli.engine.predict import suggested_threshold
 
-    rows = [[str(image), count, str(png)] for image, png, count in result.images]
-    console.print(table(f"lgd predict (score > {result.score_thresh:g})", ["image", "detections", "drawn"], rows))
+    rows = [[str(image), count, "-" if best is None else f"{best:.2g}", str(png)]
+            for image, png, count, best in result.images]
+    console.print(table(f"lgd predict (score > {result.score_thresh:g})", ["image", "detections", "best score", "drawn"],
+                        rows))
+    empty = [best for _, _, count, best in result.images if count == 0]
+    if empty:
+        where = (f"in {len(empty)} image{'' if len(empty) == 1 else 's'}" if len(empty) == len(result.images)
+                 else f"in {len(empty)} of {len(result.images)} images")
+        line = f"no detection above {result.score_thresh:g} {where}"
+        scores = [best for best in empty if best is not None]
+        if scores:
+            line += (f"; the best score was {max(scores):.2g}: try --score-thresh "
+                     f"{suggested_threshold(max(scores)):g}")
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     console.print(f"detections written to {result.detections_file} (COCO results format)")
 
 
@@ -112,8 +125,10 @@ def swin_conversion(report: ConversionReport) -> None:
 def benchmark(result: dict) -> None:
     """Print the benchmark table (and profiles)."""
     t, f, m = result["train"], result["flops"], result["memory"]
+    spread = [f"{t[f'{arm}_s_per_iter_min']:.3f}-{t[f'{arm}_s_per_iter_max']:.3f}" for arm in ("baseline", "lgd")]
     rows = [
         ["train s/iter", t["baseline_s_per_iter"], t["lgd_s_per_iter"], t["lgd_over_baseline"]],
+        ["train s/iter min-max", *spread, ""],
         ["train images/s", t["baseline_images_per_s"], t["lgd_images_per_s"], t["baseline_images_per_s"] and t["lgd_images_per_s"] / t["baseline_images_per_s"]],
         ["train GFLOPs/step", f["baseline_train_gflops"], f["lgd_train_gflops"], f["lgd_over_baseline"]],
         ["peak memory MB", m["baseline_peak_mb"], m["lgd_peak_mb"], m["lgd_over_baseline"]],
@@ -129,6 +144,8 @@ def benchmark(result: dict) -> None:
            f"{result['inference'][f'{fmt}_ms_per_image']:.2f} ({result['inference'][f'{fmt}_over_eager']:.2f})"]
           for fmt in ("torchscript", "onnx") if f"{fmt}_ms_per_image" in result["inference"]],
     ]))
+    for text in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     for arm, text in result.get("profile", {}).items():
         console.print(f"[bold]{arm} step profile[/]")
         console.print(text, soft_wrap=True, highlight=False, markup=False)

@@ -28,10 +28,13 @@ def test_version(capsys):
     (["train", "--preset", "retinanet-r50-x2"], "unknown preset 'retinanet-r50-x2'", 2),
     (["train", "--set", "MODEL.DISTILLATOR.LAMDA=2"], "unknown config key 'MODEL.DISTILLATOR.LAMDA'", 2),
     (["train", "--set", "SOLVER.BASE_LR=0.1"], "SOLVER.BASE_LR is not read", 2),
-    (["train", "--set", "SOLVER.MAX_ITER=abc"], "bad --set value", 2),
+    (["train", "--set", "SOLVER.MAX_ITER=abc"], "SOLVER.MAX_ITER expects an integer, got 'abc'", 2),
     (["train", "--iters", "0"], "must be positive", 2),
     (["train", "--set", "NOEQUALS"], "is not KEY=VALUE", 2),
-    (["train", "--bad-boxes", "fix"], "must be clip, drop or error", 2),
+    (["train", "--bad-boxes", "fix"], "'fix' is not one of 'clip', 'drop', 'error'", 2),
+    (["train", "--no-lgd", "true"], "unexpected extra argument", 2),
+    (["export", "m.pth", "--format", "tflite"], "'tflite' is not one of 'torchscript', 'onnx'", 2),
+    (["compare", "--interval", "bca"], "'bca' is not one of 't', 'bootstrap'", 2),
     (["eval", "missing.pth"], "missing.pth does not exist", 1),
 ])
 def test_bad_input_is_a_message_not_a_traceback(args, message, code, capsys):
@@ -103,3 +106,75 @@ def test_debug_shows_the_traceback(capsys):
         finally:
             os.environ.pop("LGD_DEBUG", None)
     assert "missing.pth does not exist" in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "predict", "benchmark", "compare", "convert-swin-weights"])
+def test_help_shows_no_value_for_flags_and_the_values_of_choices(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(cli.app, [command, "--help"])
+    assert result.exit_code == 0 and "<bool>" not in result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ --")}
+    assert "--help" in lines and "--device" not in lines or "DEVICE" in lines["--device"]
+    choices = {"train": ("--bad-boxes", "<clip|drop|error>"), "export": ("--format", "<torchscript|onnx>"),
+               "compare": ("--interval", "<t|bootstrap>")}
+    if command in choices:
+        option, values = choices[command]
+        assert values in lines[option]
+
+
+def test_choices_are_those_the_engines_accept():
+    # cli.py declares them itself: importing their sources (torch, detectron2) would slow `lgd --help`.
+    from lgd_cli.compare.stats import METHODS
+    from lgd_cli.config.choices import BAD_BOX_POLICIES
+
+    assert tuple(m.value for m in cli.Interval) == METHODS
+    assert tuple(m.value for m in cli.BadBoxes) == BAD_BOX_POLICIES
+
+
+def test_train_options_reach_their_config_keys(capsys, tiny_overrides, tmp_path):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    assert run("train", *[x for pair in tiny_overrides for x in ("--set", pair)], "--print-config", "--iters", "9",
+               "--batch-size", "4", "--eval-period", "3", "--workers", "2", "--seed", "11", "--keep", "5",
+               "--bad-boxes", "error", "--skip-nonfinite", "2", "--no-lgd", "--skip-bad-images",
+               "--allow-outside-root", "--output", str(run_dir)) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert not run_dir.exists()  # printed, nothing written
+    # tiny_overrides' own --set SOLVER.MAX_ITER=6 / IMS_PER_BATCH=2 / NUM_WORKERS=0 / SEED=7 come after: they win.
+    assert (cfg["SOLVER"]["MAX_ITER"], cfg["SOLVER"]["IMS_PER_BATCH"], cfg["DATALOADER"]["NUM_WORKERS"], cfg["SEED"]) \
+        == (6, 2, 0, 7)
+    assert cfg["TEST"]["EVAL_PERIOD"] == 3 and cfg["LGD"]["CHECKPOINT_KEEP"] == 5 and cfg["LGD"]["SKIP_NONFINITE"] == 2
+    assert cfg["MODEL"]["DISTILLATOR"]["ENABLED"] is False and cfg["LGD"]["DATA"]["BAD_BOXES"] == "error"
+    assert cfg["LGD"]["DATA"]["SKIP_BAD_IMAGES"] is True and cfg["LGD"]["DATA"]["ALLOW_OUTSIDE_ROOT"] is True
+
+    assert run("train", "--print-config", "--iters", "9", "--batch-size", "4", "--workers", "3", "--seed", "11",
+               "--output", str(run_dir)) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["SOLVER"]["MAX_ITER"], cfg["SOLVER"]["IMS_PER_BATCH"], cfg["DATALOADER"]["NUM_WORKERS"], cfg["SEED"]) \
+        == (9, 4, 3, 11)
+    assert cfg["MODEL"]["DISTILLATOR"]["ENABLED"] is True and not run_dir.exists()
+
+
+def test_export_and_compare_hand_their_choices_to_the_engines(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from lgd_cli import export as engine_export
+    from lgd_cli.compare import experiment
+
+    seen = []
+    monkeypatch.setattr(engine_export, "export_checkpoint", lambda checkpoint, fmt, output: seen.append(fmt))
+    monkeypatch.setattr("lgd_cli.render.export", lambda result: None)
+    assert run("export", "m.pth", "--format", "onnx") == 0
+    monkeypatch.setattr(experiment, "run_comparison",
+                        lambda settings, output, **kw: seen.append(settings.interval) or {"failed": []})
+    monkeypatch.setattr("lgd_cli.render.comparison", lambda report: None)
+
+    def fake_settings(preset, pairs, **kwargs):
+        seen.append(pairs)
+        return SimpleNamespace(preset_file="demo.yaml", **kwargs)
+
+    monkeypatch.setattr("lgd_cli.compare.runner.make_settings", fake_settings)
+    assert run("compare", "--interval", "bootstrap", "--iters", "8", "--eval-period", "4",
+               "--output", str(tmp_path / "c")) == 0
+    assert seen == ["onnx", ["SOLVER.MAX_ITER=8", "TEST.EVAL_PERIOD=4"], "bootstrap"]

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 
 from lgd_cli import __version__
@@ -25,11 +26,88 @@ def lgd_metadata(cfg) -> dict:
             "version": __version__}
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_PICKLE_PROTO = 0x80  # a pickle of protocol 2+ (torch's legacy format, .pkl weights) starts with PROTO, version
+
+
+def sniff_file(path: Path) -> str:
+    """What a would-be checkpoint file is, from its first bytes: zip, pickle, empty, yaml, text or unknown.
+
+    torch's unpickler reads any other bytes as opcodes and fails with a meaningless KeyError, so
+    a text or config file given by mistake is named before it is loaded.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "empty"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[0] == _PICKLE_PROTO and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the 4096-byte boundary
+            return "unknown"
+        text = head[: exc.start].decode("utf-8")
+    if "\x00" in text or not text.strip():
+        return "unknown"
+    if Path(path).suffix.lower() in (".yaml", ".yml") or _looks_like_config(text):
+        return "yaml"
+    return "text"
+
+
+def _looks_like_config(text: str) -> bool:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and any(key in data for key in ("_BASE_", "MODEL", "SOLVER", "LGD"))
+
+
+_CHECKPOINT_HINT = "a checkpoint is a .pth file torch wrote (lgd train's: RUN_FOLDER/model_final.pth)"
+
+
+def _not_a_checkpoint(path: Path, kind: str) -> CheckpointError:
+    if kind == "yaml":
+        return CheckpointError(f"{path} is a YAML file (a config?), not a checkpoint",
+                               hint=f"train from it with lgd train --preset {path}")
+    if kind == "text":
+        return CheckpointError(f"{path} is a text file, not a checkpoint", hint=_CHECKPOINT_HINT)
+    if kind == "empty":
+        return CheckpointError(f"{path} is not a readable checkpoint (the file is empty)",
+                               hint="it may be truncated (interrupted copy or full disk)")
+    return CheckpointError(f"{path} is not a checkpoint (unknown format)", hint=_CHECKPOINT_HINT)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint file `path` names: for a run folder the file its `last_checkpoint` points to,
+    else its model_final.pth (CheckpointError if there is none); any other path as it is (the
+    reader names a missing file)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    pointer = path / "last_checkpoint"
+    if pointer.is_file():
+        named = path / pointer.read_text().strip()
+        if named.is_file():
+            return named
+    if (path / "model_final.pth").is_file():
+        return path / "model_final.pth"
+    raise CheckpointError(f"{path} is a folder that holds no checkpoint (no last_checkpoint, no model_final.pth)",
+                          hint="give a run folder of `lgd train` (its --output) or a .pth file")
+
+
 def read_checkpoint(path: Path) -> dict:
     """Load a checkpoint file safely, turning every way it can be wrong into a CheckpointError."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
         raise CheckpointError(f"checkpoint {path} does not exist")
+    kind = sniff_file(path)
+    if kind not in ("zip", "pickle"):
+        raise _not_a_checkpoint(path, kind)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:

@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.utils import comm
 
-from lgd_cli.config.build import config_from_checkpoint_yaml
+from lgd_cli.config.build import SavedConfig, build_config
 from lgd_cli.data.datasets import VAL_DATASET
 from lgd_cli.data.datasets import register_coco_json
 from lgd_cli.engine.checkpoint import read_lgd_checkpoint
@@ -100,7 +100,7 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
 
     checkpoint = Path(checkpoint)
     state = read_lgd_checkpoint(checkpoint)
-    cfg = config_from_checkpoint_yaml(state["lgd"]["config"], overrides, device=device)
+    cfg = build_config(SavedConfig(state["lgd"]["config"], str(checkpoint)), overrides, device=device)
     dataset = VAL_DATASET
     if data is not None:
         dataset = "lgd_eval_custom"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, get_event_storage
 
+from lgd_cli.engine.resources import peak_memory_mb
+
 
 def log_to_file(path: Path) -> None:
     """detectron2's and lgd's logs go to the run's log.txt (the CLI decides what the terminal shows).
@@ -28,19 +30,6 @@ def log_to_file(path: Path) -> None:
             logger.setLevel(logging.INFO)  # DEBUG (lgd --debug) stays
         logger.propagate = name == "lgd_cli"
         logger.addHandler(handler)
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak memory of this process so far: the CUDA allocator's on GPU, resident set size on CPU."""
-    import resource
-    import sys
-
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def finite_or_none(value):

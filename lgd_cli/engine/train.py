@@ -26,7 +26,7 @@ from lgd_cli.engine.logs import (OrderedJSONWriter, TrainingLogWriter, finite_or
                                   log_to_file)
 from lgd_cli.engine.optimizers import build_optimizers
 from lgd_cli.engine.rng import preserved_rng
-from lgd_cli.engine.run_folder import clear_run, holds_run, prepare_output
+from lgd_cli.engine.run_folder import RunFolderLock, check_resumable, clear_run, holds_run, prepare_output
 from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError, LgdError
 from lgd_cli.files import atomic_write_bytes, repair_json_lines
@@ -53,14 +53,19 @@ def _flat_config(node, prefix: str = "") -> dict:
 
 def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_processes: int = 1,
           num_machines: int = 1, machine_rank: int = 0, dist_url: str = "auto",
-          join_timeout: float = JOIN_TIMEOUT_S, display=None) -> dict:
+          join_timeout: float = JOIN_TIMEOUT_S, resume_required: bool = False, display=None) -> dict:
     """Train (LGD or, with MODEL.DISTILLATOR.ENABLED=False, the baseline) into `output`.
 
     Inputs are validated before anything is written or any process starts. With several machines
     (the same command on each, only `machine_rank` differing), only machine 0 looks at and writes
     the run folder (config, checkpoints, metrics, summary): the others' `output`, shared with it or
-    their own, gets only their processes' `log.txt.rankN`. A second run into a folder is not locked
-    out yet (README, "Several machines").
+    their own, gets only their processes' `log.txt.rankN`. Machine 0's launcher (this process) holds
+    the folder's lock for the whole run: a second run into it is refused, naming this one.
+
+    Args:
+        resume: continue the run in `output` from its newest complete checkpoint (a fresh start
+            when it holds none; an error with `resume_required`); a run already trained to MAX_ITER
+            raises RunFinished and changes nothing.
 
     `display` (lgd_cli/engine/display.py) shows the progress bars; None: none, the log only.
 
@@ -71,6 +76,7 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
     use_cuda = cfg.MODEL.DEVICE.startswith("cuda")
     main_machine = machine_rank == 0
     existed = output.exists()
+    lock = RunFolderLock(output) if main_machine else None
     try:
         check_processes(num_processes, num_machines, machine_rank, use_cuda=use_cuda, dist_url=dist_url)
         if cfg.LGD.LOG_PERIOD < 1:
@@ -81,8 +87,13 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
         if cfg.MODEL.WEIGHTS and not resume:
             resolve_weights_path(cfg.MODEL.WEIGHTS)  # a missing file or a URL fails before anything is written
         if main_machine:
-            prepare_output(output, resume, force)
+            if resume and resume_required:
+                check_resumable(output)
+            lock.acquire()  # before --force may clear anything: a live run's folder stays as it is
+            prepare_output(output, resume, force, max_iter=cfg.SOLVER.MAX_ITER)
     except LgdError as exc:
+        if lock is not None:
+            _release(lock, output, existed)
         report_failure(exc, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
                        wait_s=min(10.0, join_timeout))
         raise
@@ -98,9 +109,18 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
         # checkpoint of a new run: leave the folder as it was, so the fixed command runs without --force.
         if fresh and not any(output.glob("model_*.pth")):
             clear_run(output)
-            if not existed and not any(output.iterdir()):
-                output.rmdir()
+            _release(lock, output, existed)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _release(lock: RunFolderLock, output: Path, existed: bool) -> None:
+    """Free the lock; a folder this run created goes too (lock file included) when nothing else is in it."""
+    lock.release(remove=not existed)
+    if not existed and output.is_dir() and not any(output.iterdir()):
+        output.rmdir()
 
 
 def _resume_checkpoint(checkpointer, output: Path, on_gpu: bool) -> tuple[str, str, bool] | None:

@@ -65,7 +65,22 @@ def test_the_run_ends_evaluated_with_one_final_and_a_best_checkpoint(finished_ru
 
 
 def test_resuming_a_finished_run_keeps_its_summary_and_metrics(finished_run):
+    from lgd_cli.errors import RunFinished
+
     cfg, out, summary = finished_run
+    metrics = (out / "metrics.json").read_bytes()
+    with pytest.raises(RunFinished):
+        train(cfg, out, resume=True)
+    assert (out / "metrics.json").read_bytes() == metrics
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_a_finished_run_the_folder_check_let_through_keeps_its_summary_and_metrics(finished_run, monkeypatch):
+    # The training process's own check, should the folder's (run_folder.finished_iterations) miss one.
+    from lgd_cli.engine import run_folder
+
+    cfg, out, summary = finished_run
+    monkeypatch.setattr(run_folder, "finished_iterations", lambda *args: None)
     metrics = (out / "metrics.json").read_bytes()
     assert train(cfg, out, resume=True) == summary
     assert (out / "metrics.json").read_bytes() == metrics
