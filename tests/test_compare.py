@@ -17,31 +17,19 @@ from lgd_cli.errors import ConfigError
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706),
                                           (9, 2.2622), (29, 2.0452), (120, 1.9799)])
-def test_t_quantile_matches_tables(df, expected):
-    assert stats.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+def test_paired_t_half_width_uses_the_tabled_quantile(df, expected):
+    """Half-width = t_{0.975, n-1} · s / sqrt(n), with t from the printed Student t table."""
+    n = df + 1
+    diff = stats.paired_difference([0.0] * n, [float(i) for i in range(n)])
+    assert (diff.high - diff.mean) * math.sqrt(n) / diff.std == pytest.approx(expected, abs=1e-4)
+    assert diff.mean - diff.low == pytest.approx(diff.high - diff.mean)
 
 
-def test_t_quantile_other_levels_and_symmetry():
-    assert stats.t_quantile(0.95, 2) == pytest.approx(2.9200, abs=1e-4)
-    assert stats.t_quantile(0.995, 4) == pytest.approx(4.6041, abs=1e-4)
-    assert stats.t_quantile(0.025, 4) == pytest.approx(-stats.t_quantile(0.975, 4), abs=1e-12)
-    assert stats.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
-    assert stats.t_quantile(0.975, 100000) == pytest.approx(1.95997, abs=1e-4)  # -> the normal's
-    with pytest.raises(ValueError):
-        stats.t_quantile(1.0, 3)
-    with pytest.raises(ValueError):
-        stats.t_cdf(1.0, 0)
-
-
-@pytest.mark.parametrize("df", [1, 2, 3, 6, 11])
-def test_t_cdf_agrees_with_integrated_density(df):
-    """The closed form against torch's StudentT density, integrated numerically."""
-    dist = torch.distributions.StudentT(torch.tensor(float(df), dtype=torch.float64))
-    for t in (0.3, 1.0, 2.5):
-        x = torch.linspace(0, t, 20001, dtype=torch.float64)
-        mass = 2 * torch.trapezoid(dist.log_prob(x).exp(), x).item()
-        assert stats.t_two_sided_mass(t, df) == pytest.approx(mass, abs=1e-8)
-        assert stats.t_cdf(-t, df) == pytest.approx(1 - stats.t_cdf(t, df), abs=1e-12)
+def test_paired_t_other_confidence_levels():
+    diffs = [0.4, 0.1, 0.5]
+    for confidence, quantile in ((0.90, 2.9200), (0.99, 9.9248)):  # t_{0.95, 2}, t_{0.995, 2}
+        diff = stats.paired_difference([0.0] * 3, diffs, confidence=confidence)
+        assert (diff.high - diff.mean) * math.sqrt(3) / diff.std == pytest.approx(quantile, abs=1e-4)
 
 
 def test_paired_t_interval_of_a_known_sample():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from detectron2.data.datasets import load_coco_json
 from lgd_cli.data.synthetic import SyntheticPaths, cache_root, ensure_synthetic
 from lgd_cli.data.validate import read_class_names, validate_coco
 from lgd_cli.errors import DataError
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_bytes, json_text
 
 __all__ = ["TRAIN_DATASET", "VAL_DATASET", "coco_paths", "read_class_names", "register_coco_json",
            "register_config_datasets", "register_synthetic", "synthetic_paths"]
@@ -83,7 +82,7 @@ def register_coco_json(name: str, json_path: Path, image_root: Path, cache_dir: 
 
 def _write_cleaned(cleaned: dict, source: Path, cache_dir: Path | None) -> Path:
     """Write `cleaned` once under a name from its content hash; returns the path."""
-    content = json.dumps(cleaned, sort_keys=True).encode()
+    content = json_text(cleaned, sort_keys=True).encode()
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "cleaned"
     target = folder / f"{source.stem}-{hashlib.sha256(content).hexdigest()[:16]}.json"
     if target.is_file():

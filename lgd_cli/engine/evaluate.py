@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +17,7 @@ from lgd_cli.data.datasets import VAL_DATASET
 from lgd_cli.console import training_progress
 from lgd_cli.data.datasets import register_coco_json
 from lgd_cli.engine.checkpoint import read_lgd_checkpoint
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_json
 from lgd_cli.errors import DataError
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -119,6 +118,6 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
         results["student"] = evaluate_model(cfg, model, output, dataset=dataset)
         if eval_teacher:
             results["teacher"] = evaluate_model(cfg, model, output / "teacher", teacher=True, dataset=dataset)
-    atomic_write_bytes(output / "metrics.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+    atomic_write_json(output / "metrics.json", results)
     results["metrics_file"] = str(output / "metrics.json")
     return results

@@ -1,7 +1,6 @@
 """train(cfg): output folder, datasets, model, optimisers, trainer and hooks, in one or many processes."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -25,7 +24,7 @@ from lgd_cli.engine.rng import preserved_rng
 from lgd_cli.engine.run_folder import clear_run, holds_run, prepare_output
 from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError, LgdError
-from lgd_cli.files import atomic_write_bytes, repair_json_lines
+from lgd_cli.files import atomic_write_bytes, atomic_write_json, repair_json_lines
 from lgd_cli.modeling.backbones.pretrained import load_pretrained_weights, resolve_weights_path
 from lgd_cli.modeling.distiller import build_distiller
 
@@ -196,7 +195,7 @@ def _train_worker(cfg, output: str, resume: bool) -> dict | None:
             "nonfinite_skipped": trainer.nonfinite_skipped,
             "amp_skipped": trainer.amp_skipped,
         }
-        atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        atomic_write_json(Path(output) / "summary.json", summary)
         return summary
     return None
 
