@@ -90,20 +90,17 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
     checkpoint = Path(checkpoint)
     state = read_lgd_checkpoint(checkpoint)
     cfg = config_from_checkpoint_yaml(state["lgd"]["config"], overrides, device=device)
-    dataset = VAL_DATASET
     if data is not None:
-        dataset = "lgd_eval_custom"
+        dataset, json_file = "lgd_eval_custom", data[0]
         names = register_coco_json(dataset, Path(data[0]), Path(data[1]), bad_boxes=cfg.LGD.DATA.BAD_BOXES,
                                    allow_outside_root=bool(cfg.LGD.DATA.ALLOW_OUTSIDE_ROOT))
-        if list(names) != list(cfg.LGD.CLASS_NAMES):
-            raise DataError(f"{data[0]} has classes {names}, but {checkpoint} was trained on {list(cfg.LGD.CLASS_NAMES)}",
-                            hint="evaluate on data with the same categories, in the same order")
     else:
+        dataset, json_file = VAL_DATASET, cfg.LGD.DATA.VAL_JSON
         register_config_datasets(cfg, splits=("val",))
         names = MetadataCatalog.get(VAL_DATASET).thing_classes
-        if list(names) != list(cfg.LGD.CLASS_NAMES):
-            raise DataError(f"{cfg.LGD.DATA.VAL_JSON} has classes {list(names)}, but {checkpoint} was trained on "
-                            f"{list(cfg.LGD.CLASS_NAMES)}", hint="evaluate on data with the same categories, in the same order")
+    if list(names) != list(cfg.LGD.CLASS_NAMES):
+        raise DataError(f"{json_file} has classes {list(names)}, but {checkpoint} was trained on "
+                        f"{list(cfg.LGD.CLASS_NAMES)}", hint="evaluate on data with the same categories, in the same order")
     model = build_distiller(cfg)
     model.load_state_dict(state["model"])
     model.eval()

@@ -20,7 +20,7 @@ from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdSch
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
 from lgd_cli.engine.logs import log_to_file
 from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.engine.rng import preserved_rng
+from lgd_cli.rng import preserved_rng
 from lgd_cli.engine.run_folder import clear_run, holds_run, prepare_output
 from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError, LgdError

@@ -133,7 +133,7 @@ def test_rng_and_data_state_load_with_weights_only(tmp_path):
     import io
     import random
 
-    from lgd_cli.engine.rng import capture_rng_state, restore_rng_state
+    from lgd_cli.rng import capture_rng_state, restore_rng_state
 
     buffer = io.BytesIO()
     torch.save({"rng": capture_rng_state()}, buffer)
