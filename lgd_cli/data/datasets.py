@@ -14,11 +14,10 @@ from lgd_cli.errors import DataError
 from lgd_cli.files import atomic_write_bytes, json_text
 
 __all__ = ["TRAIN_DATASET", "VAL_DATASET", "coco_paths", "read_class_names", "register_coco_json",
-           "register_config_datasets", "register_synthetic", "synthetic_paths"]
+           "register_config_datasets", "synthetic_paths"]
 
 # The names the config's datasets are registered under (DATASETS.TRAIN / DATASETS.TEST).
 TRAIN_DATASET, VAL_DATASET = "lgd_train", "lgd_val"
-SYNTHETIC_TRAIN, SYNTHETIC_VAL = "lgd_synthetic_train", "lgd_synthetic_val"
 COCO_LAYOUT = """expected the standard COCO 2017 layout (images and annotations from cocodataset.org):
   {root}/
     annotations/instances_train2017.json
@@ -99,19 +98,6 @@ def _write_cleaned(cleaned: dict, source: Path, cache_dir: Path | None) -> Path:
 def synthetic_paths() -> SyntheticPaths:
     """Paths of the default synthetic set, generating it on first use."""
     return ensure_synthetic()
-
-
-def register_synthetic(cache_dir: Path | None = None) -> tuple[str, str, list[str]]:
-    """Register the synthetic shapes set (generated on first use) as its train and val datasets.
-
-    Returns:
-        (train dataset name, val dataset name, class names).
-    """
-    paths = ensure_synthetic(cache_dir)
-    # Our own set must be clean: any fix-up here would be a generator bug.
-    names = register_coco_json(SYNTHETIC_TRAIN, paths.train_json, paths.train_images, bad_boxes="error")
-    register_coco_json(SYNTHETIC_VAL, paths.val_json, paths.val_images, bad_boxes="error")
-    return SYNTHETIC_TRAIN, SYNTHETIC_VAL, names
 
 
 def coco_paths(data_root: Path) -> tuple[Path, Path, Path, Path]:
