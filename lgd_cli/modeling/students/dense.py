@@ -37,7 +37,7 @@ class DenseTargets:
 LOSS_NORMALIZER_RULES = ("reference", "per_step")
 
 
-class DenseStudent(StudentSeams):
+class DenseSeams(StudentSeams):
     """Stateless view over a detectron2 DenseDetector (no parameters of its own).
 
     Args:
