@@ -160,3 +160,42 @@ def test_inference_runs_the_student_alone(model_factory):
     with torch.no_grad():
         out = model(make_batch(num_images=1))
     assert called and "instances" in out[0]
+
+
+def test_config_keys_reach_their_modules(model_factory):
+    """MODEL.DISTILLATOR.LAMBDA, TEACHER.INTERACT_PATTERN / NR_TRANSFORMER_HEADS and
+    LABEL_ENCODER.CATEGORY_FORMAT, changed from their defaults, are what the built modules use."""
+    default = model_factory()
+    assert default.distill_loss.loss_weight == 1.0 and default.teacher.relation.pattern == "stuGuided"
+    assert default.teacher.relation.attention.num_heads == 8
+    assert default.teacher.label_encoder.in_dim == 4 + 3  # box + one-hot over K = 3
+    changed = model_factory("MODEL.DISTILLATOR.LAMBDA=2.5", "MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN=labelGuided",
+                            "MODEL.DISTILLATOR.TEACHER.NR_TRANSFORMER_HEADS=4",
+                            "MODEL.DISTILLATOR.LABEL_ENCODER.CATEGORY_FORMAT=norm_classes")
+    assert changed.distill_loss.loss_weight == 2.5
+    assert changed.teacher.relation.pattern == "labelGuided"
+    assert changed.teacher.relation.attention.num_heads == 4
+    assert changed.teacher.label_encoder.category_format == "norm_classes"
+    assert changed.teacher.label_encoder.in_dim == 4 + 1  # box + class / K
+    # A pattern without attention builds none (student_fill passes the appearance through).
+    assert not hasattr(model_factory("MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN=student_fill").teacher.relation,
+                       "attention")
+
+
+def test_lambda_scales_the_distillation_loss(model_factory):
+    batch = make_batch()
+    base = losses_of(model_factory(), batch)
+    scaled = losses_of(model_factory("MODEL.DISTILLATOR.LAMBDA=2.5"), batch)  # the same initial weights
+    assert scaled["loss_distill"].item() == pytest.approx(2.5 * base["loss_distill"].item(), rel=1e-5)
+    assert scaled["loss_cls"].item() == pytest.approx(base["loss_cls"].item(), rel=1e-6)  # and nothing else
+
+
+def test_interact_pattern_and_heads_change_the_teacher_maps(model_factory):
+    """Not only stored: a different pattern, head count or class format gives other teacher maps, hence
+    another loss (the same computation on the CPU gives the same float: far below 1e-6 apart)."""
+    batch = make_batch()
+    base = losses_of(model_factory(), batch)["loss_distill"].item()
+    for changed in ("MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN=teacher_fill",
+                    "MODEL.DISTILLATOR.TEACHER.NR_TRANSFORMER_HEADS=4",
+                    "MODEL.DISTILLATOR.LABEL_ENCODER.CATEGORY_FORMAT=norm_classes"):
+        assert losses_of(model_factory(changed), batch)["loss_distill"].item() != pytest.approx(base, rel=1e-6), changed
