@@ -134,3 +134,23 @@ def test_skipped_count_survives_a_checkpoint(tiny_overrides):
     _, _, fresh = make_trainer(tiny_overrides)
     fresh.load_state_dict(trainer.state_dict())
     assert fresh.nonfinite_skipped == 1
+
+
+@pytest.mark.parametrize("window", [
+    ["LGD.RELATIVE_SCHEDULE.ENABLED=False", "MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS=1",
+     "MODEL.DISTILLATOR.POST_NONDISTILL_ITERS=3"],
+    # The demo's way: fractions of MAX_ITER (1/6 and 1/2 of 6 iterations).
+    ["LGD.RELATIVE_SCHEDULE.PRE_NONDISTILL=0.1667", "LGD.RELATIVE_SCHEDULE.POST_NONDISTILL=0.5"],
+])
+def test_last_iterations_of_a_run_with_a_post_window_do_not_distil(tiny_overrides, window):
+    """POST_NONDISTILL_ITERS = 3 of 6: iterations 4 and 5 (> MAX_ITER - POST, the reference's rule)
+    train without distillation, as iteration 0 (< PRE = 1) does; the flag is logged every step."""
+    cfg, model, trainer = make_trainer(tiny_overrides, "SOLVER.MAX_ITER=6", *window)
+    assert (cfg.MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS, cfg.MODEL.DISTILLATOR.POST_NONDISTILL_ITERS) == (1, 3)
+    seen = []
+    forward = model.forward
+    model.forward = lambda batch: (seen.append(model.distill_active), forward(batch))[1]
+    trainer.train(0, 6)
+    assert seen == [False, True, True, True, False, False]
+    logged = trainer.storage.history("distill_active").values()
+    assert [(int(iteration), value) for value, iteration in logged] == list(enumerate([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
