@@ -11,6 +11,7 @@ import torch
 from lgd_cli.compare import stats
 from lgd_cli.compare.runner import CompareSettings, Run, RunOutcome, prepare_output
 from lgd_cli.errors import ConfigError
+from tests.helpers import run_cli
 
 
 # --- statistics on fixed numbers -------------------------------------------------------------
@@ -247,7 +248,7 @@ def test_plots_are_written_and_skipped_without_matplotlib(tmp_path, monkeypatch)
 # --- end to end --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, capsys):
+def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "cmp"
     # after 4 iterations every score is near the 0.01 prior: keep them all, so AP is a number (not NaN)
     common = [o for o in tiny_overrides if not o.startswith(("SEED=", "SOLVER.MAX_ITER="))]
@@ -255,7 +256,7 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, ca
     args = ["compare", "--seeds", "2", "--iters", "4", "--eval-period", "2", "--output", str(out), "--jobs", "2"]
     for pair in common:
         args += ["--set", pair]
-    assert lgd_cli_run(*args) == 0
+    assert run_cli(*args) == 0
     shown = capsys.readouterr().out
     assert "LGD − baseline" in shown and "verdict:" in shown and "teacher bbox AP" in shown
     report = json.loads((out / "compare.json").read_text())
@@ -270,9 +271,9 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, ca
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
     # the same command again is refused without --resume, and with other settings at all
-    assert lgd_cli_run(*args) == 2
+    assert run_cli(*args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert lgd_cli_run(*[a if a != "4" else "6" for a in args], "--resume") == 2
+    assert run_cli(*[a if a != "4" else "6" for a in args], "--resume") == 2
     assert "other settings" in capsys.readouterr().err
 
     # half-finished: one run lost its result, another its folder; the finished ones are reused
@@ -280,7 +281,7 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, ca
     (out / "seed1" / "baseline" / "result.json").unlink()
     import shutil
     shutil.rmtree(out / "seed1" / "lgd")
-    assert lgd_cli_run(*args, "--resume") == 0
+    assert run_cli(*args, "--resume") == 0
     report = json.loads((out / "compare.json").read_text())
     assert sorted(report["reused"]) == ["seed0/baseline", "seed0/lgd"] and report["complete"]
     for name, mtime in finals.items():

@@ -1,27 +1,12 @@
 """Real runs of the `lgd` command on the tiny synthetic set: train -> resume -> eval, and 2 processes on gloo."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-LGD = [sys.executable, "-m", "lgd_cli.cli"]
-
-
-def lgd(*args, check=True):
-    env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run([*LGD, *args], capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lgd {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def sets(pairs):
-    return [x for pair in pairs for x in ("--set", pair)]
-
+from tests.helpers import LGD, lgd, sets
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

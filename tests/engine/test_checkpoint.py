@@ -9,7 +9,7 @@ import torch
 from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, check_pickle_weights, read_lgd_checkpoint
 from lgd_cli.errors import CheckpointError
 
-from conftest import fill_disk_after  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import fill_disk_after
 
 
 class _CreatesFile:

@@ -4,31 +4,15 @@ import itertools
 import pytest
 import torch
 
-from lgd_cli.config.build import build_config
-from lgd_cli.engine.hooks import LgdScheduleHook, distillation_active
-from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.modeling.distiller import build_distiller
-from lgd_cli.engine.trainer import LGDTrainer, NonFiniteLossError
-from tests.modeling.test_distiller import make_batch
+from lgd_cli.engine.hooks import distillation_active
+from lgd_cli.engine.trainer import NonFiniteLossError
+from tests.helpers import make_trainer
 
 
 @pytest.mark.parametrize("iteration, expected", [(0, False), (29999, False), (30000, True), (130000, True),
                                                  (130001, False), (179999, False)])
 def test_distillation_window_is_the_references_rule(iteration, expected):
     assert distillation_active(iteration, pre=30000, post=50000, max_iter=180000) is expected
-
-
-def make_trainer(tiny_overrides, *extra):
-    cfg = build_config("demo", tiny_overrides + list(extra), device="cpu")
-    torch.manual_seed(0)
-    model = build_distiller(cfg)
-    optimizers, schedulers = build_optimizers(cfg, model)
-    loader = itertools.cycle([make_batch(seed=i) for i in range(3)])
-    trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters())
-    d = cfg.MODEL.DISTILLATOR
-    trainer.register_hooks([LgdScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
-                                            d.PRE_FREEZE_STUDENT_BACKBONE_ITERS)])
-    return cfg, model, trainer
 
 
 def snapshot(params):

@@ -1,45 +1,8 @@
 """LGDDistiller on detectron2's RetinaNet: loss terms, empty batches, detaching, student-only inference."""
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import EventStorage
 
-from lgd_cli.config.build import build_config
-from lgd_cli.modeling.distiller import build_distiller
-
-from conftest import two_loss_calls  # noqa: E402  (tests/ is on sys.path via its conftest)
-
-
-def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(num_images):
-        inst = Instances((size, size))
-        xy = torch.rand(boxes_per_image, 2, generator=g) * size / 2
-        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + 6
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, 3, (boxes_per_image,), generator=g)
-        batch.append({"image": torch.randint(0, 255, (3, size, size), generator=g).float(), "instances": inst})
-    return batch
-
-
-@pytest.fixture
-def model_factory(tiny_overrides):
-    def build(*extra):
-        # K = 3 classes (not 80) and C = 32 channels (not 256).
-        cfg = build_config("demo", tiny_overrides + ["LGD.DATA.SOURCE=synthetic", *extra], device="cpu",
-                           resolve_dataset=False)
-        cfg.defrost()
-        cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
-        cfg.MODEL.RETINANET.NUM_CLASSES = 3
-        torch.manual_seed(0)
-        return build_distiller(cfg).train()
-    return build
-
-
-def losses_of(model, batch):
-    with EventStorage(0):
-        return model(batch)
+from tests.helpers import losses_of, make_batch, two_loss_calls
 
 
 def test_training_returns_student_teacher_and_distillation_terms(model_factory):
