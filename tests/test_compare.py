@@ -193,6 +193,32 @@ def _fake_results(aps: dict) -> tuple[dict, list]:
     return results, outcomes
 
 
+def test_seconds_per_iter_is_the_median_of_the_training_rows():
+    from lgd_cli.compare.worker import seconds_per_iter
+
+    rows = [{"iteration": 19, "time": 0.4}, {"iteration": 39, "time": 0.2}, {"iteration": 39, "student/bbox/AP": 1.0},
+            {"iteration": 59, "time": 0.3}, {"iteration": 79, "time": 0.9}]
+    assert seconds_per_iter(rows) == pytest.approx(0.35)  # even count: between the middle two
+    assert seconds_per_iter(rows[:4]) == pytest.approx(0.3)
+    assert seconds_per_iter([{"iteration": 0, "student/bbox/AP": 1.0}]) is None
+
+
+def test_worker_reports_a_failed_run_as_plain_error_lines_and_its_exit_code(tmp_path, capsys, monkeypatch):
+    """What the runner reads back from compare.log: the last "error:" line, without rich markup."""
+    from lgd_cli.compare.worker import RUN_SPEC, main
+
+    monkeypatch.delenv("LGD_DEBUG", raising=False)
+    assert main([str(tmp_path)]) == 1  # no run.json: an OSError naming the file
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / RUN_SPEC}: No such file or directory\n")
+    (tmp_path / RUN_SPEC).write_text(json.dumps({"preset": "no-such-preset", "overrides": [], "device": "cpu",
+                                                 "seed": 0, "arm": "lgd"}))
+    assert main([str(tmp_path)]) == 2  # a ConfigError keeps its exit code
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("error: ") and "no-such-preset" in lines[0] and lines[1].startswith("hint: ")
+    assert "\x1b[" not in "".join(lines)
+
+
 def test_report_on_fixed_numbers(tmp_path):
     from lgd_cli.compare.report import build_report, markdown, run_columns, run_rows, summary_rows
 
