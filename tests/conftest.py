@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from lgd_cli.compat import detectron2 as _compat
+from tests.helpers import STUDENT_OVERRIDES, widen_head
 
 # Every lgd package applies the detectron2 shims when imported (lgd_cli/config/__init__.py...),
 # but test modules also import detectron2 before any lgd package, and lgd_cli.compat itself
 # applies nothing on import: apply them here, before pytest imports the test modules.
 _compat.apply()
-
-from tests.helpers import STUDENT_OVERRIDES, widen_head  # noqa: E402  (after the shims: helpers use detectron2)
 
 # Keep every test's cache (synthetic set, cleaned jsons) out of the user's ~/.cache.
 os.environ.setdefault("LGD_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "lgd-test-cache"))
