@@ -101,6 +101,7 @@ def _launch_probe(cfg, output: str, report: str) -> None:
     from detectron2.utils import comm
     from detectron2.utils.events import EventStorage
 
+    from lgd_cli.config.build import SavedConfig, build_config
     from lgd_cli.engine.benchmark import _arm_config
     from lgd_cli.data.datasets import register_config_datasets
     from lgd_cli.data.loader import build_train_loader
@@ -133,11 +134,10 @@ def _launch_probe(cfg, output: str, report: str) -> None:
         trainer.run_step()
         trainer.run_step()
     result["ddp_steps"] = 2
-    # A short training run through lgd's worker, as the launcher calls it.
-    train_cfg = cfg.clone()
-    train_cfg.defrost()
-    train_cfg.SOLVER.MAX_ITER, train_cfg.SOLVER.CHECKPOINT_PERIOD, train_cfg.TEST.EVAL_PERIOD = 4, 2, 0
-    train_cfg.freeze()
+    # A short training run through lgd's worker, as the launcher calls it (its schedule scaled to
+    # the 4 iterations by build_config, as `lgd train --iters 4` scales it).
+    train_cfg = build_config(SavedConfig.of(cfg), ["SOLVER.MAX_ITER=4", "SOLVER.CHECKPOINT_PERIOD=2", "TEST.EVAL_PERIOD=0"],
+                             device=cfg.MODEL.DEVICE)
     Path(output).mkdir(parents=True, exist_ok=True)
     engine_train._train_worker(train_cfg, output, False)
     result["train_summary"] = json.loads((Path(output) / "summary.json").read_text())

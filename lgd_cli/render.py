@@ -89,8 +89,10 @@ def swin_conversion(report: ConversionReport) -> None:
 def benchmark(result: dict) -> None:
     """Print the benchmark table (and profiles)."""
     t, f, m = result["train"], result["flops"], result["memory"]
+    spread = [f"{t[f'{arm}_s_per_iter_min']:.3f}-{t[f'{arm}_s_per_iter_max']:.3f}" for arm in ("baseline", "lgd")]
     rows = [
         ["train s/iter", t["baseline_s_per_iter"], t["lgd_s_per_iter"], t["lgd_over_baseline"]],
+        ["train s/iter min-max", *spread, ""],
         ["train images/s", t["baseline_images_per_s"], t["lgd_images_per_s"], t["baseline_images_per_s"] and t["lgd_images_per_s"] / t["baseline_images_per_s"]],
         ["train GFLOPs/step", f["baseline_train_gflops"], f["lgd_train_gflops"], f["lgd_over_baseline"]],
         ["peak memory MB", m["baseline_peak_mb"], m["lgd_peak_mb"], m["lgd_over_baseline"]],
@@ -106,6 +108,8 @@ def benchmark(result: dict) -> None:
            f"{result['inference'][f'{fmt}_ms_per_image']:.2f} ({result['inference'][f'{fmt}_over_eager']:.2f})"]
           for fmt in ("torchscript", "onnx") if f"{fmt}_ms_per_image" in result["inference"]],
     ]))
+    for text in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     for arm, text in result.get("profile", {}).items():
         console.print(f"[bold]{arm} step profile[/]")
         console.print(text, soft_wrap=True, highlight=False, markup=False)

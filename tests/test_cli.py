@@ -28,7 +28,7 @@ def test_version(capsys):
     (["train", "--preset", "retinanet-r50-x2"], "unknown preset 'retinanet-r50-x2'", 2),
     (["train", "--set", "MODEL.DISTILLATOR.LAMDA=2"], "unknown config key 'MODEL.DISTILLATOR.LAMDA'", 2),
     (["train", "--set", "SOLVER.BASE_LR=0.1"], "SOLVER.BASE_LR is not read", 2),
-    (["train", "--set", "SOLVER.MAX_ITER=abc"], "bad --set value", 2),
+    (["train", "--set", "SOLVER.MAX_ITER=abc"], "SOLVER.MAX_ITER expects an integer, got 'abc'", 2),
     (["train", "--iters", "0"], "must be positive", 2),
     (["train", "--set", "NOEQUALS"], "is not KEY=VALUE", 2),
     (["train", "--bad-boxes", "fix"], "must be clip, drop or error", 2),

@@ -4,6 +4,12 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 
 
+# Top-level SOLVER keys the two-optimiser recipe does not read (docs/method.md §7): each optimiser
+# reads the key of that name in its own block (_solver_block), and never uses Nesterov.
+IGNORED_SOLVER_KEYS = ("BASE_LR", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY", "LR_SCHEDULER_NAME", "STEPS", "GAMMA",
+                       "WARMUP_FACTOR", "WARMUP_ITERS", "WARMUP_METHOD")
+
+
 def _solver_block(base_lr: float) -> CN:
     # One optimiser's recipe. The reference reads these blocks, never the top-level SOLVER
     # learning-rate keys: every parameter gets this LR and weight decay (no exemptions).
@@ -12,7 +18,7 @@ def _solver_block(base_lr: float) -> CN:
     block.BASE_LR = base_lr
     block.MOMENTUM = 0.9  # SGD only; never Nesterov, as in the reference
     block.WEIGHT_DECAY = 1e-4
-    block.LR_SCHEDULER_NAME = "WarmupMultiStepLR"  # detectron2 scheduler names
+    block.LR_SCHEDULER_NAME = "WarmupMultiStepLR"  # or "WarmupCosineLR" (detectron2's names)
     block.STEPS = (120000, 160000)
     block.GAMMA = 0.1
     block.WARMUP_FACTOR = 1e-3

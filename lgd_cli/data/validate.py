@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lgd_cli.config.choices import BAD_BOX_POLICIES
 from lgd_cli.errors import ConfigError, DataError
 
-BAD_BOX_POLICIES = ("clip", "drop", "error")
 EDGE_TOLERANCE = 0.5  # px: boxes this close outside the image are rounding, not errors; left as they are
 _INT64 = 2**63
 _MAX_SIDE = 2**31  # image width/height bound: larger is corruption, and would overflow later maths

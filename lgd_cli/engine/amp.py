@@ -11,7 +11,9 @@ import contextlib
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from lgd_cli.config.choices import AMP_DTYPES
+
+DTYPES = {name: getattr(torch, dtype) for name, dtype in AMP_DTYPES.items()}  # SOLVER.AMP.DTYPE, lower-cased
 
 
 class MixedPrecision:

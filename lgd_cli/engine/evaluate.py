@@ -12,7 +12,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test
 from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-from lgd_cli.config.build import config_from_checkpoint_yaml
+from lgd_cli.config.build import SavedConfig, build_config
 from lgd_cli.data.datasets import VAL_DATASET
 from lgd_cli.console import training_progress
 from lgd_cli.data.datasets import register_coco_json
@@ -89,7 +89,7 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
 
     checkpoint = Path(checkpoint)
     state = read_lgd_checkpoint(checkpoint)
-    cfg = config_from_checkpoint_yaml(state["lgd"]["config"], overrides, device=device)
+    cfg = build_config(SavedConfig(state["lgd"]["config"], str(checkpoint)), overrides, device=device)
     if data is not None:
         dataset, json_file = "lgd_eval_custom", data[0]
         names = register_coco_json(dataset, Path(data[0]), Path(data[1]), bad_boxes=cfg.LGD.DATA.BAD_BOXES,

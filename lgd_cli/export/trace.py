@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from detectron2.data import transforms as T
 from detectron2.export.flatten import TracingAdapter
 
-from lgd_cli.config.build import config_from_checkpoint_yaml
+from lgd_cli.config.build import SavedConfig, build_config
 from lgd_cli.engine.checkpoint import read_lgd_checkpoint
 from lgd_cli.errors import CheckpointError, LgdError
 
@@ -36,7 +36,7 @@ def load_student(checkpoint: Path, *, device: str | None = "cpu"):
     from lgd_cli.modeling.distiller import build_distiller
 
     state = read_lgd_checkpoint(checkpoint)
-    cfg = config_from_checkpoint_yaml(state["lgd"]["config"], device=device)
+    cfg = build_config(SavedConfig(state["lgd"]["config"], str(checkpoint)), device=device)
     model = build_distiller(cfg)
     try:
         model.load_state_dict(state["model"])

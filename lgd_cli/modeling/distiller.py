@@ -14,6 +14,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 
+from lgd_cli.config.choices import DISTILL_GATES
 from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd import DistillationLoss, pack_objects
 from lgd_cli.modeling.lgd.teacher import ImplicitTeacher
@@ -34,9 +35,6 @@ def student_seams(student: nn.Module, loss_normalizer: str = "reference") -> Den
         return RCNNSeams(student)
     raise ConfigError(f"LGD cannot distil a {type(student).__name__}: the student must be RetinaNet, FCOS "
                       "or GeneralizedRCNN (Faster / Mask R-CNN)")
-
-
-DISTILL_GATES = ("always", "teacher_better")
 
 
 @META_ARCH_REGISTRY.register()

@@ -36,12 +36,12 @@ def test_every_detector_and_backbone_of_the_paper_has_a_preset():
 
 
 def test_checkpoint_config_without_the_option_keys_keeps_the_rules_it_was_trained_with():
-    from lgd_cli.config.build import config_from_checkpoint_yaml
+    from lgd_cli.config.build import SavedConfig
 
     keys = {"LABEL_ENCODER": {"BOX_CLAMP": "image", "EMPTY_IMAGE": "context"},
             "TEACHER": {"CELL_MAPPING": "stride", "LOSS_NORMALIZER": "per_step"}}
     cfg = build_config("demo", device="cpu", resolve_dataset=False)
-    current = config_from_checkpoint_yaml(cfg.dump(), device="cpu")
+    current = build_config(SavedConfig.of(cfg), device="cpu")
     assert all(current.MODEL.DISTILLATOR[b][k] == "reference" for b in keys for k in keys[b])
 
     old = cfg.clone()
@@ -49,5 +49,5 @@ def test_checkpoint_config_without_the_option_keys_keeps_the_rules_it_was_traine
     for block, names in keys.items():
         for name in names:
             del old.MODEL.DISTILLATOR[block][name]
-    legacy = config_from_checkpoint_yaml(old.dump(), device="cpu")
+    legacy = build_config(SavedConfig.of(old), device="cpu")
     assert {b: {k: legacy.MODEL.DISTILLATOR[b][k] for k in keys[b]} for b in keys} == keys

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CELL_MAPPINGS", "box_cell_masks", "level_scales"]
+# CELL_MAPPINGS: how a box in padded-image pixels lands on a level: see level_scales.
+from lgd_cli.config.choices import CELL_MAPPINGS
 
-# How a box in padded-image pixels lands on a level: see level_scales.
-CELL_MAPPINGS = ("reference", "stride")
+__all__ = ["CELL_MAPPINGS", "box_cell_masks", "level_scales"]
 
 
 def level_scales(feature_shapes: list[tuple[int, int]], strides: list[int], padded_size: tuple[int, int],

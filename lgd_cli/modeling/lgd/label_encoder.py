@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgd_cli.config.choices import CATEGORY_FORMATS
+
 from .object_batch import ObjectBatch
 
 __all__ = ["LabelEncoder"]
-
-CATEGORY_FORMATS = ("one_hot", "norm_classes")
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

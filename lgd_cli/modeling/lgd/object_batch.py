@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from lgd_cli.config.choices import BOX_CLAMPS, EMPTY_IMAGE_RULES
+
 __all__ = ["BOX_CLAMPS", "EMPTY_IMAGE_RULES", "ObjectBatch", "pack_objects"]
 
-# "reference": every box, the context box included, clamped to [0, W-1] x [0, H-1] of the
-# padded canvas; "image": real boxes clamped to their own image, context box [0, 0, W, H].
-BOX_CLAMPS = ("reference", "image")
-# "reference": an image without boxes gets one pseudo box [0, 0, 1, 1] and no context box;
-# "context": it gets only its context slot (none at all without the context box).
-EMPTY_IMAGE_RULES = ("reference", "context")
+# BOX_CLAMPS: "reference": every box, the context box included, clamped to [0, W-1] x [0, H-1] of
+# the padded canvas; "image": real boxes clamped to their own image, context box [0, 0, W, H].
+# EMPTY_IMAGE_RULES: "reference": an image without boxes gets one pseudo box [0, 0, 1, 1] and no
+# context box; "context": it gets only its context slot (none at all without the context box).
 PSEUDO_BOX = (0.0, 0.0, 1.0, 1.0)
 
 

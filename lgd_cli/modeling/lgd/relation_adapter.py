@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RelationAdapter"]
+from lgd_cli.config.choices import INTERACT_PATTERNS
 
-PATTERNS = ("stuGuided", "labelGuided", "student_fill", "teacher_fill")
+__all__ = ["RelationAdapter"]
 
 
 class RelationAdapter(nn.Module):
@@ -25,13 +25,13 @@ class RelationAdapter(nn.Module):
     Args:
         channels: C; must be divisible by num_heads.
         num_heads: attention heads.
-        pattern: one of PATTERNS.
+        pattern: one of INTERACT_PATTERNS.
     """
 
     def __init__(self, channels: int, num_heads: int = 8, pattern: str = "stuGuided"):
         super().__init__()
-        if pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+        if pattern not in INTERACT_PATTERNS:
+            raise ValueError(f"pattern must be one of {INTERACT_PATTERNS}, got {pattern!r}")
         if channels % num_heads != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.pattern = pattern

@@ -18,6 +18,10 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+# LOSS_NORMALIZER_RULES: how the detector's loss-normaliser EMA (num positives, momentum 0.9) meets
+# the two passes. "reference": every `losses` call updates it, so it advances twice per step and the
+# teacher pass sees the second update; "per_step": later passes of a batch rewind it to the first's.
+from lgd_cli.config.choices import LOSS_NORMALIZER_RULES
 from lgd_cli.modeling.students.base import StudentSeams
 
 
@@ -29,12 +33,6 @@ class DenseTargets:
     gt_labels: Any = None
     gt_boxes: Any = None
     normalizer: float | None = None  # the loss-normaliser EMA before this batch
-
-
-# How the detector's loss-normaliser EMA (num positives, momentum 0.9) meets the two passes:
-# "reference": every `losses` call updates it, so it advances twice per step and the teacher
-# pass sees the second update; "per_step": later passes of a batch rewind it to the first's.
-LOSS_NORMALIZER_RULES = ("reference", "per_step")
 
 
 class DenseSeams(StudentSeams):
