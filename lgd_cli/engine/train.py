@@ -1,7 +1,6 @@
 """train(cfg): output folder, datasets, model, optimisers, trainer and hooks, in one or many processes."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -21,13 +20,13 @@ from lgd_cli.engine.hooks import GatherResumeStateHook, GracefulStopHook, LgdSch
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
 from lgd_cli.engine.logs import log_to_file
 from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.engine.rng import preserved_rng
 from lgd_cli.engine.run_folder import RunFolderLock, check_resumable, clear_run, holds_run, prepare_output
 from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError, LgdError
-from lgd_cli.files import atomic_write_bytes, repair_json_lines
+from lgd_cli.files import atomic_write_bytes, atomic_write_json, repair_json_lines
 from lgd_cli.modeling.backbones.pretrained import load_pretrained_weights, resolve_weights_path
 from lgd_cli.modeling.distiller import build_distiller
+from lgd_cli.rng import preserved_rng
 
 # Config keys that may differ between the machines of one run: paths on each machine's own disks.
 MACHINE_KEYS = ("OUTPUT_DIR", "MODEL.WEIGHTS", "LGD.DATA.ROOT", "LGD.DATA.TRAIN_JSON", "LGD.DATA.TRAIN_IMAGES",
@@ -216,7 +215,7 @@ def _train_worker(cfg, output: str, resume: bool) -> dict | None:
             "nonfinite_skipped": trainer.nonfinite_skipped,
             "amp_skipped": trainer.amp_skipped,
         }
-        atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        atomic_write_json(Path(output) / "summary.json", summary)
         return summary
     return None
 
