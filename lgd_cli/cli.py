@@ -4,7 +4,6 @@ Heavy imports (torch, detectron2) happen inside the commands so that `lgd --help
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from enum import Enum
@@ -16,7 +15,7 @@ import typer
 from lgd_cli import __version__, render
 from lgd_cli.compat import typer as _typer_compat
 from lgd_cli.console import console, print_error
-from lgd_cli.errors import LgdError
+from lgd_cli.errors import INTERRUPTED_EXIT_CODE, LgdError, user_error
 
 _typer_compat.apply()
 
@@ -325,7 +324,7 @@ def benchmark(
     Mixed precision: --set SOLVER.AMP.ENABLED=True (SOLVER.AMP.DTYPE bfloat16 or float16).
     """
     from lgd_cli.engine.benchmark import run_benchmark
-    from lgd_cli.files import atomic_write_bytes
+    from lgd_cli.files import atomic_write_json
     from lgd_cli.config.build import build_config
 
     pairs = option_pairs(ctx.params, BENCHMARK_OPTION_KEYS)
@@ -333,7 +332,7 @@ def benchmark(
     result = run_benchmark(cfg, iters=iters, warmup=warmup, profile=profile, export=export)
     render.benchmark(result)
     if json_path is not None:
-        atomic_write_bytes(json_path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        atomic_write_json(json_path, result)
         console.print(f"written to {json_path}")
 
 
@@ -401,31 +400,21 @@ def main() -> None:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except LgdError as exc:
-        if exc.exit_code == 0:  # RunFinished: nothing to do, which is not a failure
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except (LgdError, OSError, KeyboardInterrupt) as exc:
+        if isinstance(exc, LgdError) and exc.exit_code == 0:  # RunFinished: nothing to do, not a failure
             console.print(exc.message, highlight=False, soft_wrap=True)
             if exc.hint:
                 console.print(exc.hint, highlight=False, soft_wrap=True)
             sys.exit(0)
-        if os.environ.get("LGD_DEBUG") == "1":
+        error = user_error(exc, interrupted_hint="resume a training run with the same command plus --resume")
+        if error is None:
             raise
-        print_error(exc.message, exc.hint)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print_error("interrupted", "resume a training run with the same command plus --resume")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except OSError as exc:
-        # A file that cannot be read or written (a full disk, permissions) where no caller said
-        # more: name it and the cause instead of a traceback.
-        if os.environ.get("LGD_DEBUG") == "1":
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print_error(f"{where}{exc.strerror or exc}", "LGD_DEBUG=1 shows where it happened")
-        sys.exit(1)
+        print_error(error.message, error.hint)
+        sys.exit(error.exit_code)
     except Exception as exc:
         # click's usage errors (typer vendors click, so match by interface, not class)
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):

@@ -1,5 +1,12 @@
-"""The one error family lgd raises for problems a user can fix; only cli.py catches it."""
+"""The one error family lgd raises for problems a user can fix, and what a process reports on exit.
+
+Only the processes' entry points catch it: cli.main and the comparison worker (compare/worker.py).
+"""
 from __future__ import annotations
+
+import os
+
+INTERRUPTED_EXIT_CODE = 130  # the shell's status of a process ended by Ctrl-C (128 + SIGINT)
 
 
 class LgdError(Exception):
@@ -35,7 +42,6 @@ class CheckpointError(LgdError):
     """A checkpoint or weights file that is missing, truncated or not ours."""
 
 
-
 class RunFinished(LgdError):
     """A request that is already satisfied (`--resume` of a finished run): a note, exit status 0.
 
@@ -44,3 +50,22 @@ class RunFinished(LgdError):
     """
 
     exit_code = 0
+
+
+def user_error(exc: BaseException, *, interrupted_hint: str) -> LgdError | None:
+    """What an entry point reports for `exc` and exits with, or None to let it raise (a bug).
+
+    An LgdError as it is; Ctrl-C as "interrupted" with `interrupted_hint`; an OSError that no
+    caller explained (a full disk, permissions) naming its file and cause instead of a traceback.
+    With LGD_DEBUG=1, LgdErrors and OSErrors are raised with their tracebacks.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return LgdError("interrupted", interrupted_hint, exit_code=INTERRUPTED_EXIT_CODE)
+    if os.environ.get("LGD_DEBUG") == "1":
+        return None
+    if isinstance(exc, LgdError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return LgdError(f"{where}{exc.strerror or exc}", "LGD_DEBUG=1 shows where it happened")
+    return None

@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import math
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 def default_mode() -> int:
@@ -41,6 +42,32 @@ def atomic_write_bytes(path: Path, write: Callable) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN and infinity, however deeply nested, replaced by None.
+
+    COCOeval reports NaN where there is nothing to score (e.g. no large objects); strict JSON
+    parsers (JavaScript's, jq's) reject the NaN that Python's json writes by default.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def json_text(obj: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:
+    """Strict JSON of `obj`: NaN and infinities become null."""
+    return json.dumps(finite_or_null(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """Write `obj` as strict JSON (see `json_text`) through `atomic_write_bytes`."""
+    data = json_text(obj, indent=indent, sort_keys=sort_keys).encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 @contextlib.contextmanager

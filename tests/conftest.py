@@ -1,17 +1,19 @@
-"""Shared fixtures: a tiny synthetic dataset and the overrides of a tiny, fast LGD config."""
+"""Shared fixtures: a tiny synthetic dataset, the overrides of a tiny, fast LGD config, models built
+from it. Plain helpers are in tests/helpers.py."""
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
 from lgd_cli.compat import detectron2 as _compat
+from tests.helpers import STUDENT_OVERRIDES, widen_head
 
-# Test modules import detectron2 directly; the shims must be in place first.
+# Every lgd package applies the detectron2 shims when imported (lgd_cli/config/__init__.py...),
+# but test modules also import detectron2 before any lgd package, and lgd_cli.compat itself
+# applies nothing on import: apply them here, before pytest imports the test modules.
 _compat.apply()
 
 # Keep every test's cache (synthetic set, cleaned jsons) out of the user's ~/.cache.
@@ -68,108 +70,41 @@ def exportable_checkpoint(trained_checkpoint, tmp_path_factory):
     return path
 
 
-def widen_head(path) -> None:
-    """Spread the head's outputs of a 2-iteration checkpoint, in place.
+def _tiny_config(tiny_overrides, extra, num_classes_keys):
+    """The tiny config on K = 3 classes (not 80) and C = 32 channels (not 256), no dataset resolved."""
+    from lgd_cli.config.build import build_config
 
-    After 2 iterations every anchor still scores the prior 0.01 within 1e-7, so which detections
-    survive top-k and NMS is decided by float noise and "the same detections" is undefined. Large
-    random classification and regression weights give distinct scores (about 0.1) and boxes away
-    from the anchors: a comparison with something to compare.
-    """
-    state = torch.load(path, weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for name, std in (("cls_score", 300.0), ("bbox_pred", 50.0)):
-        weight = state["model"][f"student.head.{name}.weight"]
-        weight += std * torch.randn(weight.shape, generator=generator)
-    state["model"]["student.head.cls_score.bias"] += 2.0
-    torch.save(state, path)
-
-
-def fill_disk_after(monkeypatch, owner, name: str = "save", room: int = 4096) -> None:
-    """Make the writer `owner.name(obj, f, ...)` (torch.save, torch.jit.save) meet a full disk
-    after `room` bytes, through its own code: torch's zip writer then fails on closing the archive."""
-    save = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda obj, f, *a, **k: save(obj, FillsUp(f, room), *a, **k))
-
-
-class FillsUp:
-    """Wraps a file: it takes `room` more bytes, then fails the way a full disk does."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def flush(self):
-        self.f.flush()
-
-
-def two_loss_calls(model, batch):
-    """The student's and a second (teacher) `losses` call of one step, both on the student's maps.
-
-    Returns:
-        (targets, first losses, normaliser after the first, second losses, normaliser after the second).
-    """
-    from detectron2.utils.events import EventStorage
-
-    seams, gt = model.seams, [x["instances"] for x in batch]
-    with EventStorage(0):
-        images, maps = seams.extract(batch)
-        targets = seams.new_targets()
-        first = seams.losses(images, maps, gt, targets)
-        n1 = model.student.loss_normalizer
-        second = seams.losses(images, maps, gt, targets)
-        return targets, first, n1, second, model.student.loss_normalizer
-
-
-def run_cli(*args) -> int:
-    """Run `lgd ARGS` through cli.main, as a user would; returns the exit code."""
-    from lgd_cli import cli
-
-    argv, sys.argv = sys.argv, ["lgd", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code
+    cfg = build_config("demo", tiny_overrides + ["LGD.DATA.SOURCE=synthetic", *extra], device="cpu",
+                       resolve_dataset=False)
+    cfg.defrost()
+    cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
+    for key in num_classes_keys:
+        cfg.MODEL[key].NUM_CLASSES = 3
+    return cfg
 
 
 @pytest.fixture
-def lgd_cli_run():
-    """The `run_cli` helper as a fixture."""
-    return run_cli
+def model_factory(tiny_overrides):
+    """build(*pairs): a tiny LGD RetinaNet in train mode, the same initial weights each time."""
+    from lgd_cli.modeling.distiller import build_distiller
+
+    def build(*extra):
+        cfg = _tiny_config(tiny_overrides, extra, ("RETINANET",))
+        torch.manual_seed(0)
+        return build_distiller(cfg).train()
+    return build
 
 
-# `--set` pairs (on top of tiny_overrides) turning the tiny RetinaNet into a tiny FCOS, Faster or Mask R-CNN:
-# the R-CNN heads shrunk to match 64-px images and 32 channels.
-# The SGD recipe of fcos-demo and faster-rcnn-demo (demo itself trains with AdamW).
-_SGD_SET = [f"MODEL.DISTILLATOR.{who}.SOLVER.{key}={value}" for who in ("STUDENT", "TEACHER")
-            for key, value in (("OPTIMIZER", "SGD"), ("BASE_LR", 0.01), ("WEIGHT_DECAY", 0.0001))]
-_FCOS_SET = ["MODEL.META_ARCHITECTURE=FCOS",
-             # p7 of a 64-px image is 1x1: GroupNorm(32) over 32 channels would see one value per group.
-             "MODEL.FCOS.NORM=", *_SGD_SET]
-_RCNN_SET = [
-    "MODEL.META_ARCHITECTURE=GeneralizedRCNN", "MODEL.BACKBONE.NAME=build_resnet_fpn_backbone",
-    "MODEL.RESNETS.OUT_FEATURES=['res2','res3','res4','res5']", "MODEL.FPN.IN_FEATURES=['res2','res3','res4','res5']",
-    "MODEL.ANCHOR_GENERATOR.SIZES=[[8],[16],[32],[64],[128]]", "MODEL.RPN.IN_FEATURES=['p2','p3','p4','p5','p6']",
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE=64", "MODEL.RPN.PRE_NMS_TOPK_TRAIN=200", "MODEL.RPN.POST_NMS_TOPK_TRAIN=50",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST=200", "MODEL.RPN.POST_NMS_TOPK_TEST=50",
-    "MODEL.ROI_HEADS.NAME=StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES=['p2','p3','p4','p5']",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE=32", "MODEL.ROI_BOX_HEAD.NAME=FastRCNNConvFCHead",
-    "MODEL.ROI_BOX_HEAD.NUM_FC=2", "MODEL.ROI_BOX_HEAD.FC_DIM=64", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION=7",
-    "MODEL.ROI_MASK_HEAD.NAME=MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV=2",
-    "MODEL.ROI_MASK_HEAD.CONV_DIM=32", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION=14",
-    # The reference's R-CNN rows.
-    "MODEL.DISTILLATOR.TEACHER.ADD_CONTEXT_BOX=False", "MODEL.DISTILLATOR.TEACHER.DETACH_APPEARANCE_EMBED=True",
-    *_SGD_SET,
-]
-STUDENT_OVERRIDES = {
-    "fcos": _FCOS_SET,
-    "faster": _RCNN_SET,
-    "mask": _RCNN_SET + ["MODEL.MASK_ON=True"],
-}
+@pytest.fixture
+def build(tiny_overrides):
+    """build(detector, *pairs, eval_mode=False): a tiny LGD FCOS / Faster / Mask R-CNN (STUDENT_OVERRIDES)."""
+    from lgd_cli.modeling.distiller import build_distiller
+
+    def build(detector, *extra, eval_mode=False):
+        cfg = _tiny_config(tiny_overrides, [*STUDENT_OVERRIDES[detector], *extra], ("FCOS", "ROI_HEADS"))
+        torch.manual_seed(0)
+        model = build_distiller(cfg)
+        return model.eval() if eval_mode else model.train()
+    return build
+
+

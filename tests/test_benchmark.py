@@ -5,6 +5,7 @@ import torch
 from lgd_cli.engine import benchmark as bench
 from lgd_cli.engine.benchmark import StepTimes, run_benchmark, timing_warnings
 from lgd_cli.config.build import build_config
+from tests.helpers import run_cli
 
 REQUIRED = ["train.baseline_s_per_iter", "train.lgd_s_per_iter", "train.lgd_over_baseline",
             "memory.baseline_peak_mb", "memory.lgd_peak_mb", "params.student", "params.lgd_only",
@@ -31,7 +32,7 @@ def test_benchmark_reports_positive_numbers_for_every_key(tiny_overrides):
     assert isinstance(result["warnings"], list) and all(isinstance(w, str) for w in result["warnings"])
 
 
-def test_batch_size_option_sets_the_images_per_step(monkeypatch, lgd_cli_run, tiny_overrides):
+def test_batch_size_option_sets_the_images_per_step(monkeypatch, tiny_overrides):
     import lgd_cli.engine.benchmark as bench
 
     seen = {}
@@ -39,7 +40,7 @@ def test_batch_size_option_sets_the_images_per_step(monkeypatch, lgd_cli_run, ti
     monkeypatch.setattr("lgd_cli.render.benchmark", lambda *args: None)
     # (named options come before --set pairs, which win: leave the fixture's batch size out)
     sets = [x for pair in tiny_overrides if not pair.startswith("SOLVER.IMS_PER_BATCH") for x in ("--set", pair)]
-    assert lgd_cli_run("benchmark", "--batch-size", "3", "--device", "cpu", *sets,
+    assert run_cli("benchmark", "--batch-size", "3", "--device", "cpu", *sets,
                        "--set", "SOLVER.AMP.ENABLED=True") == 0
     assert seen["cfg"].SOLVER.IMS_PER_BATCH == 3 and bench.precision_name(seen["cfg"]) == "bfloat16"
 

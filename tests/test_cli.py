@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from lgd_cli import __version__, cli
 
-from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import run_cli
 
 runner = CliRunner()
 run = run_cli

@@ -11,37 +11,26 @@ import torch
 from lgd_cli.compare import stats
 from lgd_cli.compare.runner import CompareSettings, Run, RunOutcome, prepare_output
 from lgd_cli.errors import ConfigError
+from tests.helpers import run_cli
 
 
 # --- statistics on fixed numbers -------------------------------------------------------------
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706),
                                           (9, 2.2622), (29, 2.0452), (120, 1.9799)])
-def test_t_quantile_matches_tables(df, expected):
-    assert stats.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+def test_paired_t_half_width_uses_the_tabled_quantile(df, expected):
+    """Half-width = t_{0.975, n-1} · s / sqrt(n), with t from the printed Student t table."""
+    n = df + 1
+    diff = stats.paired_difference([0.0] * n, [float(i) for i in range(n)])
+    assert (diff.high - diff.mean) * math.sqrt(n) / diff.std == pytest.approx(expected, abs=1e-4)
+    assert diff.mean - diff.low == pytest.approx(diff.high - diff.mean)
 
 
-def test_t_quantile_other_levels_and_symmetry():
-    assert stats.t_quantile(0.95, 2) == pytest.approx(2.9200, abs=1e-4)
-    assert stats.t_quantile(0.995, 4) == pytest.approx(4.6041, abs=1e-4)
-    assert stats.t_quantile(0.025, 4) == pytest.approx(-stats.t_quantile(0.975, 4), abs=1e-12)
-    assert stats.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
-    assert stats.t_quantile(0.975, 100000) == pytest.approx(1.95997, abs=1e-4)  # -> the normal's
-    with pytest.raises(ValueError):
-        stats.t_quantile(1.0, 3)
-    with pytest.raises(ValueError):
-        stats.t_cdf(1.0, 0)
-
-
-@pytest.mark.parametrize("df", [1, 2, 3, 6, 11])
-def test_t_cdf_agrees_with_integrated_density(df):
-    """The closed form against torch's StudentT density, integrated numerically."""
-    dist = torch.distributions.StudentT(torch.tensor(float(df), dtype=torch.float64))
-    for t in (0.3, 1.0, 2.5):
-        x = torch.linspace(0, t, 20001, dtype=torch.float64)
-        mass = 2 * torch.trapezoid(dist.log_prob(x).exp(), x).item()
-        assert stats.t_two_sided_mass(t, df) == pytest.approx(mass, abs=1e-8)
-        assert stats.t_cdf(-t, df) == pytest.approx(1 - stats.t_cdf(t, df), abs=1e-12)
+def test_paired_t_other_confidence_levels():
+    diffs = [0.4, 0.1, 0.5]
+    for confidence, quantile in ((0.90, 2.9200), (0.99, 9.9248)):  # t_{0.95, 2}, t_{0.995, 2}
+        diff = stats.paired_difference([0.0] * 3, diffs, confidence=confidence)
+        assert (diff.high - diff.mean) * math.sqrt(3) / diff.std == pytest.approx(quantile, abs=1e-4)
 
 
 def test_paired_t_interval_of_a_known_sample():
@@ -204,6 +193,32 @@ def _fake_results(aps: dict) -> tuple[dict, list]:
     return results, outcomes
 
 
+def test_seconds_per_iter_is_the_median_of_the_training_rows():
+    from lgd_cli.compare.worker import seconds_per_iter
+
+    rows = [{"iteration": 19, "time": 0.4}, {"iteration": 39, "time": 0.2}, {"iteration": 39, "student/bbox/AP": 1.0},
+            {"iteration": 59, "time": 0.3}, {"iteration": 79, "time": 0.9}]
+    assert seconds_per_iter(rows) == pytest.approx(0.35)  # even count: between the middle two
+    assert seconds_per_iter(rows[:4]) == pytest.approx(0.3)
+    assert seconds_per_iter([{"iteration": 0, "student/bbox/AP": 1.0}]) is None
+
+
+def test_worker_reports_a_failed_run_as_plain_error_lines_and_its_exit_code(tmp_path, capsys, monkeypatch):
+    """What the runner reads back from compare.log: the last "error:" line, without rich markup."""
+    from lgd_cli.compare.worker import RUN_SPEC, main
+
+    monkeypatch.delenv("LGD_DEBUG", raising=False)
+    assert main([str(tmp_path)]) == 1  # no run.json: an OSError naming the file
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / RUN_SPEC}: No such file or directory\n")
+    (tmp_path / RUN_SPEC).write_text(json.dumps({"preset": "no-such-preset", "overrides": [], "device": "cpu",
+                                                 "seed": 0, "arm": "lgd"}))
+    assert main([str(tmp_path)]) == 2  # a ConfigError keeps its exit code
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("error: ") and "no-such-preset" in lines[0] and lines[1].startswith("hint: ")
+    assert "\x1b[" not in "".join(lines)
+
+
 def test_report_on_fixed_numbers(tmp_path):
     from lgd_cli.compare.report import build_report, markdown, run_columns, run_rows, summary_rows
 
@@ -259,7 +274,7 @@ def test_plots_are_written_and_skipped_without_matplotlib(tmp_path, monkeypatch)
 # --- end to end --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, capsys):
+def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "cmp"
     # after 4 iterations every score is near the 0.01 prior: keep them all, so AP is a number (not NaN)
     common = [o for o in tiny_overrides if not o.startswith(("SEED=", "SOLVER.MAX_ITER="))]
@@ -267,7 +282,7 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, ca
     args = ["compare", "--seeds", "2", "--iters", "4", "--eval-period", "2", "--output", str(out), "--jobs", "2"]
     for pair in common:
         args += ["--set", pair]
-    assert lgd_cli_run(*args) == 0
+    assert run_cli(*args) == 0
     shown = capsys.readouterr().out
     assert "LGD − baseline" in shown and "verdict:" in shown and "teacher bbox AP" in shown
     report = json.loads((out / "compare.json").read_text())
@@ -282,9 +297,9 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, ca
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
     # the same command again is refused without --resume, and with other settings at all
-    assert lgd_cli_run(*args) == 2
+    assert run_cli(*args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert lgd_cli_run(*[a if a != "4" else "6" for a in args], "--resume") == 2
+    assert run_cli(*[a if a != "4" else "6" for a in args], "--resume") == 2
     assert "other settings" in capsys.readouterr().err
 
     # half-finished: one run lost its result, another its folder; the finished ones are reused
@@ -292,7 +307,7 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, lgd_cli_run, ca
     (out / "seed1" / "baseline" / "result.json").unlink()
     import shutil
     shutil.rmtree(out / "seed1" / "lgd")
-    assert lgd_cli_run(*args, "--resume") == 0
+    assert run_cli(*args, "--resume") == 0
     report = json.loads((out / "compare.json").read_text())
     assert sorted(report["reused"]) == ["seed0/baseline", "seed0/lgd"] and report["complete"]
     for name, mtime in finals.items():

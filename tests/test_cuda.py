@@ -23,7 +23,7 @@ SIZE128 = ["INPUT.MIN_SIZE_TRAIN=(128,)", "INPUT.MAX_SIZE_TRAIN=128", "INPUT.MIN
 
 @pytest.mark.parametrize("precision", sorted(PRECISION))
 def test_training_steps_on_cuda(tiny_overrides, precision):
-    from tests.modeling.test_distiller import make_batch
+    from tests.helpers import make_batch
 
     cfg = build_config("demo", tiny_overrides + SIZE128 + PRECISION[precision], device="cuda")
     torch.manual_seed(0)

@@ -1,27 +1,12 @@
 """Real runs of the `lgd` command on the tiny synthetic set: train -> resume -> eval, and 2 processes on gloo."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-LGD = [sys.executable, "-m", "lgd_cli.cli"]
-
-
-def lgd(*args, check=True):
-    env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run([*LGD, *args], capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lgd {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def sets(pairs):
-    return [x for pair in pairs for x in ("--set", pair)]
-
+from tests.helpers import LGD, lgd, sets
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -52,13 +37,18 @@ def test_train_resume_eval(tiny_overrides, tmp_path):
     assert resumed["trainer"]["iteration"] == 8
     assert resumed["trainer"]["hooks"]["LgdScheduleHook"]["student"]["last_epoch"] == 9
 
-    # 4. Evaluate: COCO AP table and metrics.json, student and teacher.
-    result = lgd("eval", str(out / "model_final.pth"), "--eval-teacher")
+    # 4. Evaluate: COCO AP table and metrics.json, student and teacher. After 9 iterations every
+    #    score is still near the 0.01 prior, under the 0.05 test threshold: without detections COCO
+    #    reports NaN (null in the file). A zero threshold keeps the top detections so that COCOeval
+    #    scores real boxes; 9 iterations learn nothing, so AP may be as low as 0.
+    result = lgd("eval", str(out / "model_final.pth"), "--eval-teacher",
+                 "--set", "MODEL.RETINANET.SCORE_THRESH_TEST=0.0")
     assert "AP50" in result.stdout and "upper bound" in result.stdout
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     for who in ("student", "teacher"):
-        ap = metrics[who]["bbox"]["AP"]
-        assert ap != ap or 0.0 <= ap <= 100.0  # NaN when nothing is detected after 9 iterations
+        bbox = metrics[who]["bbox"]
+        for key in ("AP", "AP50", "AP75"):
+            assert isinstance(bbox[key], float) and 0.0 <= bbox[key] <= 100.0, (who, bbox)  # not null (NaN)
 
 
 @pytest.mark.slow

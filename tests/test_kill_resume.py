@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from test_end_to_end import LGD, lgd, sets
+from tests.helpers import LGD, lgd, sets
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from PIL import Image
 from lgd_cli.engine import predict as engine_predict
 from lgd_cli.errors import DataError
 
-from conftest import run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import run_cli
 
 
 @pytest.fixture

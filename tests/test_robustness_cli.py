@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from tests.helpers import run_cli
 
 
 def sets(pairs):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from tests.helpers import run_cli
 
 
 def sets(pairs):

@@ -1,12 +1,11 @@
 """run_comparison(): the whole `lgd compare`: guard the folder, run what is missing, report, plot."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lgd_cli.compare import plots, report as reporting
 from lgd_cli.compare.runner import CompareSettings, execute, load_results, prepare_output
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_bytes, atomic_write_json
 
 
 def run_comparison(settings: CompareSettings, output: Path, *, jobs: int = 1, resume: bool = False,
@@ -31,7 +30,7 @@ def run_comparison(settings: CompareSettings, output: Path, *, jobs: int = 1, re
     report = reporting.build_report(settings, results, outcomes)
     written, skipped = plots.write_plots(report, results, output)
     report.update({"output": str(output), "plots": written, "plots_skipped": skipped})
-    atomic_write_bytes(output / "compare.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    atomic_write_json(output / "compare.json", report)
     text = reporting.markdown(report, written, skipped)
     atomic_write_bytes(output / "compare.md", lambda f: f.write(text.encode()))
     return report

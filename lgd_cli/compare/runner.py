@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lgd_cli.compare.worker import RESULT, RUN_SPEC, read_metrics
 from lgd_cli.errors import ConfigError
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_json
 
 SETTINGS_FILE = "compare-settings.json"
 ARMS = ("baseline", "lgd")
@@ -145,7 +145,7 @@ def prepare_output(output: Path, settings: CompareSettings, resume: bool) -> Non
                           hint="choose a new or empty --output folder")
     output.mkdir(parents=True, exist_ok=True)
     record = {**settings.to_json(), "identity": settings.identity()}
-    atomic_write_bytes(settings_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_write_json(settings_path, record)
 
 
 def run_spec(settings: CompareSettings, run: Run) -> dict:
@@ -198,8 +198,7 @@ def _start(settings: CompareSettings, run: Run, output: Path, env: dict) -> tupl
     """Start the worker process of `run`; its output goes to compare.log in the run folder."""
     folder = run.folder(output)
     folder.mkdir(parents=True, exist_ok=True)
-    spec = json.dumps(run_spec(settings, run), indent=1).encode()
-    atomic_write_bytes(folder / RUN_SPEC, lambda f: f.write(spec))
+    atomic_write_json(folder / RUN_SPEC, run_spec(settings, run))
     log = open(folder / "compare.log", "ab")
     # Its own session: a Ctrl-C reaches the run once, forwarded by execute(), not twice
     # (train's second SIGINT aborts without a checkpoint).

@@ -6,8 +6,8 @@ seed, arm), written by runner.py. A crash here ends this process only, not the c
 from __future__ import annotations
 
 import json
-import math
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,11 +54,8 @@ def eval_rows(rows: list[dict], max_iter: int, who: str = "student", task: str =
 
 def seconds_per_iter(rows: list[dict]) -> float | None:
     """Median training step time: the `time` column (each a 20-step median), evaluations excluded."""
-    times = sorted(r["time"] for r in rows if isinstance(r.get("time"), (int, float)))
-    if not times:
-        return None
-    mid = len(times) // 2
-    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+    times = [r["time"] for r in rows if isinstance(r.get("time"), (int, float))]
+    return statistics.median(times) if times else None
 
 
 def peak_memory_mb(device: str) -> float:
@@ -90,10 +87,7 @@ def run(run_dir: Path) -> dict:
     from lgd_cli.config.build import build_config
     from lgd_cli.engine.evaluate import evaluate_checkpoint
     from lgd_cli.engine.train import train
-    from lgd_cli.files import atomic_write_bytes
-
-    def write_json(path: Path, data: dict) -> None:
-        atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+    from lgd_cli.files import atomic_write_json, finite_or_null
 
     spec = json.loads((run_dir / RUN_SPEC).read_text())
     cfg = build_config(spec["preset"], spec["overrides"], device=spec["device"])
@@ -101,8 +95,8 @@ def run(run_dir: Path) -> dict:
     if not final.exists():
         start = time.perf_counter()
         train(cfg, run_dir, resume=True)  # a fresh start when the folder holds no checkpoint yet
-        write_json(run_dir / TRAIN_COST, {"peak_mb": peak_memory_mb(cfg.MODEL.DEVICE),
-                                          "wall_s": time.perf_counter() - start})
+        atomic_write_json(run_dir / TRAIN_COST, {"peak_mb": peak_memory_mb(cfg.MODEL.DEVICE),
+                                                 "wall_s": time.perf_counter() - start})
     cost = json.loads((run_dir / TRAIN_COST).read_text()) if (run_dir / TRAIN_COST).is_file() else {}
     lgd = bool(cfg.MODEL.DISTILLATOR.ENABLED)
     with_teacher = lgd and bool(cfg.MODEL.DISTILLATOR.EVAL_TEACHER)
@@ -120,38 +114,25 @@ def run(run_dir: Path) -> dict:
         "peak_mb": cost.get("peak_mb"),
         "device": cfg.MODEL.DEVICE,
     }
-    result = _no_nan(result)
-    write_json(run_dir / RESULT, result)
+    result = finite_or_null(result)  # the returned result says what result.json says
+    atomic_write_json(run_dir / RESULT, result)
     return result
 
 
-def _no_nan(value):
-    """COCOeval reports NaN where there is nothing to score (e.g. no large objects); JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
-
-
 def main(argv: list[str]) -> int:
-    import os
-
-    from lgd_cli.console import print_error
-    from lgd_cli.errors import LgdError
+    from lgd_cli.errors import user_error
 
     try:
         run(Path(argv[0]))
-    except LgdError as exc:
-        if os.environ.get("LGD_DEBUG") == "1":
+    except (Exception, KeyboardInterrupt) as exc:
+        error = user_error(exc, interrupted_hint="re-run the comparison with --resume")
+        if error is None:
             raise
-        print_error(exc.message, exc.hint)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print_error("interrupted", "re-run the comparison with --resume")
-        return 130
+        # Plain lines into compare.log: the runner reports the last "error:" line of a failed run.
+        print(f"error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return error.exit_code
     return 0
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -12,14 +11,13 @@ from detectron2.data.datasets import load_coco_json
 from lgd_cli.data.synthetic import SyntheticPaths, cache_root, ensure_synthetic
 from lgd_cli.data.validate import read_class_names, validate_coco
 from lgd_cli.errors import DataError
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_bytes, json_text
 
 __all__ = ["TRAIN_DATASET", "VAL_DATASET", "coco_paths", "read_class_names", "register_coco_json",
-           "register_config_datasets", "register_synthetic", "synthetic_paths"]
+           "register_config_datasets", "synthetic_paths"]
 
 # The names the config's datasets are registered under (DATASETS.TRAIN / DATASETS.TEST).
 TRAIN_DATASET, VAL_DATASET = "lgd_train", "lgd_val"
-SYNTHETIC_TRAIN, SYNTHETIC_VAL = "lgd_synthetic_train", "lgd_synthetic_val"
 COCO_LAYOUT = """expected the standard COCO 2017 layout (images and annotations from cocodataset.org):
   {root}/
     annotations/instances_train2017.json
@@ -83,7 +81,7 @@ def register_coco_json(name: str, json_path: Path, image_root: Path, cache_dir: 
 
 def _write_cleaned(cleaned: dict, source: Path, cache_dir: Path | None) -> Path:
     """Write `cleaned` once under a name from its content hash; returns the path."""
-    content = json.dumps(cleaned, sort_keys=True).encode()
+    content = json_text(cleaned, sort_keys=True).encode()
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "cleaned"
     target = folder / f"{source.stem}-{hashlib.sha256(content).hexdigest()[:16]}.json"
     if target.is_file():
@@ -100,19 +98,6 @@ def _write_cleaned(cleaned: dict, source: Path, cache_dir: Path | None) -> Path:
 def synthetic_paths() -> SyntheticPaths:
     """Paths of the default synthetic set, generating it on first use."""
     return ensure_synthetic()
-
-
-def register_synthetic(cache_dir: Path | None = None) -> tuple[str, str, list[str]]:
-    """Register the synthetic shapes set (generated on first use) as its train and val datasets.
-
-    Returns:
-        (train dataset name, val dataset name, class names).
-    """
-    paths = ensure_synthetic(cache_dir)
-    # Our own set must be clean: any fix-up here would be a generator bug.
-    names = register_coco_json(SYNTHETIC_TRAIN, paths.train_json, paths.train_images, bad_boxes="error")
-    register_coco_json(SYNTHETIC_VAL, paths.val_json, paths.val_images, bad_boxes="error")
-    return SYNTHETIC_TRAIN, SYNTHETIC_VAL, names
 
 
 def coco_paths(data_root: Path) -> tuple[Path, Path, Path, Path]:

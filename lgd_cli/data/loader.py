@@ -30,6 +30,7 @@ from detectron2.utils import comm
 
 from lgd_cli.data.images import image_problem
 from lgd_cli.errors import ConfigError, DataError
+from lgd_cli.rng import preserved_rng
 
 logger = logging.getLogger("lgd_cli")
 
@@ -37,17 +38,12 @@ logger = logging.getLogger("lgd_cli")
 @contextlib.contextmanager
 def _seeded(seed: int, rank: int, position: int) -> Iterator[None]:
     """python, numpy and torch CPU RNGs seeded from (seed, rank, position), restored afterwards."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    s = np.random.SeedSequence([seed, rank, position]).generate_state(2)
-    random.seed(int(s[0]))
-    np.random.seed(int(s[0]))
-    torch.default_generator.manual_seed(int(s[1]))
-    try:
+    with preserved_rng():
+        s = np.random.SeedSequence([seed, rank, position]).generate_state(2)
+        random.seed(int(s[0]))
+        np.random.seed(int(s[0]))
+        torch.default_generator.manual_seed(int(s[1]))
         yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
 
 
 def _size_problem(message: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +17,7 @@ from lgd_cli.config.build import SavedConfig, build_config
 from lgd_cli.data.datasets import VAL_DATASET
 from lgd_cli.data.datasets import register_coco_json
 from lgd_cli.engine.checkpoint import read_lgd_checkpoint
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_json
 from lgd_cli.errors import DataError
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -101,20 +100,17 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
     checkpoint = Path(checkpoint)
     state = read_lgd_checkpoint(checkpoint)
     cfg = build_config(SavedConfig(state["lgd"]["config"], str(checkpoint)), overrides, device=device)
-    dataset = VAL_DATASET
     if data is not None:
-        dataset = "lgd_eval_custom"
+        dataset, json_file = "lgd_eval_custom", data[0]
         names = register_coco_json(dataset, Path(data[0]), Path(data[1]), bad_boxes=cfg.LGD.DATA.BAD_BOXES,
                                    allow_outside_root=bool(cfg.LGD.DATA.ALLOW_OUTSIDE_ROOT))
-        if list(names) != list(cfg.LGD.CLASS_NAMES):
-            raise DataError(f"{data[0]} has classes {names}, but {checkpoint} was trained on {list(cfg.LGD.CLASS_NAMES)}",
-                            hint="evaluate on data with the same categories, in the same order")
     else:
+        dataset, json_file = VAL_DATASET, cfg.LGD.DATA.VAL_JSON
         register_config_datasets(cfg, splits=("val",))
         names = MetadataCatalog.get(VAL_DATASET).thing_classes
-        if list(names) != list(cfg.LGD.CLASS_NAMES):
-            raise DataError(f"{cfg.LGD.DATA.VAL_JSON} has classes {list(names)}, but {checkpoint} was trained on "
-                            f"{list(cfg.LGD.CLASS_NAMES)}", hint="evaluate on data with the same categories, in the same order")
+    if list(names) != list(cfg.LGD.CLASS_NAMES):
+        raise DataError(f"{json_file} has classes {list(names)}, but {checkpoint} was trained on "
+                        f"{list(cfg.LGD.CLASS_NAMES)}", hint="evaluate on data with the same categories, in the same order")
     model = build_distiller(cfg)
     model.load_state_dict(state["model"])
     model.eval()
@@ -130,6 +126,6 @@ def evaluate_checkpoint(checkpoint: Path, *, overrides: Sequence[str] = (), data
         if eval_teacher:
             results["teacher"] = evaluate_model(cfg, model, output / "teacher", teacher=True, dataset=dataset,
                                                  display=display)
-    atomic_write_bytes(output / "metrics.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+    atomic_write_json(output / "metrics.json", results)
     results["metrics_file"] = str(output / "metrics.json")
     return results

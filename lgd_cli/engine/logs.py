@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, get_event_storage
 
 from lgd_cli.engine.resources import peak_memory_mb
+from lgd_cli.files import finite_or_null
 
 
 def log_to_file(path: Path) -> None:
@@ -32,18 +32,6 @@ def log_to_file(path: Path) -> None:
         logger.addHandler(handler)
 
 
-def finite_or_none(value):
-    """`value` with NaN and infinities (COCOeval's "nothing to score", e.g. no large objects) as None:
-    JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
 class OrderedJSONWriter(JSONWriter):
     """detectron2's JSONWriter, but each write's lines in iteration order and valid JSON (null, not NaN).
 
@@ -57,7 +45,7 @@ class OrderedJSONWriter(JSONWriter):
         by_iteration: dict[int, dict] = {}
         for key, (value, iteration) in storage.latest_with_smoothing_hint(self._window_size).items():
             if iteration > self._last_write:
-                by_iteration.setdefault(iteration, {})[key] = finite_or_none(value)
+                by_iteration.setdefault(iteration, {})[key] = finite_or_null(value)
         for iteration in sorted(by_iteration):
             line = {**by_iteration[iteration], "iteration": iteration}
             self._file_handle.write(json.dumps(line, sort_keys=True, allow_nan=False) + "\n")

@@ -22,16 +22,15 @@ from lgd_cli.engine.checkpoint import LgdCheckpointer
 from lgd_cli.engine.hooks import (FinalCheckpointer, GatherResumeStateHook, GracefulStopHook, LgdScheduleHook,
                                   ProgressHook)
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
-from lgd_cli.engine.logs import (OrderedJSONWriter, TrainingLogWriter, finite_or_none, log_banner,
-                                  log_to_file)
+from lgd_cli.engine.logs import OrderedJSONWriter, TrainingLogWriter, log_banner, log_to_file
 from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.engine.rng import preserved_rng
 from lgd_cli.engine.run_folder import RunFolderLock, check_resumable, clear_run, holds_run, prepare_output
 from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError, LgdError
-from lgd_cli.files import atomic_write_bytes, repair_json_lines
+from lgd_cli.files import atomic_write_bytes, atomic_write_json, finite_or_null, repair_json_lines
 from lgd_cli.modeling.backbones.pretrained import load_pretrained_weights, resolve_weights_path
 from lgd_cli.modeling.distiller import build_distiller
+from lgd_cli.rng import preserved_rng
 
 logger = logging.getLogger("lgd_cli")
 # model_best.pth: the checkpoint of the best periodic evaluation by this metric (TEST.EVAL_PERIOD > 0).
@@ -243,7 +242,7 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
             "amp_skipped": trainer.amp_skipped,
         }
         if evaluations.final is not None:
-            summary["evaluation"] = finite_or_none({"iteration": cfg.SOLVER.MAX_ITER,
+            summary["evaluation"] = finite_or_null({"iteration": cfg.SOLVER.MAX_ITER,
                                                     "dataset": MetadataCatalog.get(VAL_DATASET).json_file,
                                                     **evaluations.final})
         if start_iter >= cfg.SOLVER.MAX_ITER:
@@ -251,7 +250,7 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
             # (the step time and loss of iterations this process did not run).
             previous = _read_summary(Path(output))
             summary = {**previous, **{k: v for k, v in summary.items() if v is not None}}
-        atomic_write_bytes(Path(output) / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        atomic_write_json(Path(output) / "summary.json", summary)
         return summary
     return None
 

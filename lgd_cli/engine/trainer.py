@@ -12,7 +12,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from lgd_cli.engine.amp import MixedPrecision
-from lgd_cli.engine.rng import capture_rng_state, restore_rng_state
+from lgd_cli.rng import capture_rng_state, restore_rng_state
 from lgd_cli.errors import LgdError
 
 logger = logging.getLogger("lgd_cli")

@@ -13,7 +13,7 @@ from torch import Tensor
 from detectron2.data.detection_utils import read_image
 
 from lgd_cli import __version__
-from lgd_cli.files import atomic_write_bytes
+from lgd_cli.files import atomic_write_json
 from lgd_cli.export.trace import ONNX_OPSET, OUTPUT_NAMES, category_ids, model_input, postprocess_settings
 
 # Exported and eager detections agree when, for every pair of matched detections:
@@ -201,4 +201,4 @@ def describe(cfg, student, *, fmt: str, output: Path, checkpoint: Path, sample: 
 
 
 def write_sidecar(path: Path, sidecar: dict) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
+    atomic_write_json(path, sidecar)

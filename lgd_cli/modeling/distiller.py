@@ -19,20 +19,20 @@ from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd import DistillationLoss, pack_objects
 from lgd_cli.modeling.lgd.teacher import ImplicitTeacher
 from lgd_cli.modeling.students import fcos as _fcos  # noqa: F401  (registers the "FCOS" meta-architecture)
-from lgd_cli.modeling.students.dense import DenseStudent
-from lgd_cli.modeling.students.rcnn import RCNNStudent, label_map_cells, label_map_crops
+from lgd_cli.modeling.students.dense import DenseSeams
+from lgd_cli.modeling.students.rcnn import RCNNSeams, label_map_cells, label_map_crops
 
 
-def student_seams(student: nn.Module, loss_normalizer: str = "reference") -> DenseStudent | RCNNStudent:
+def student_seams(student: nn.Module, loss_normalizer: str = "reference") -> DenseSeams | RCNNSeams:
     """The seams of a detectron2 student: one interface for dense detectors and R-CNNs.
 
     `loss_normalizer` (MODEL.DISTILLATOR.TEACHER.LOSS_NORMALIZER) concerns only RetinaNet/FCOS,
     the students with a running loss normaliser.
     """
     if isinstance(student, DenseDetector):
-        return DenseStudent(student, loss_normalizer)
+        return DenseSeams(student, loss_normalizer)
     if isinstance(student, GeneralizedRCNN):
-        return RCNNStudent(student)
+        return RCNNSeams(student)
     raise ConfigError(f"LGD cannot distil a {type(student).__name__}: the student must be RetinaNet, FCOS "
                       "or GeneralizedRCNN (Faster / Mask R-CNN)")
 

@@ -7,6 +7,7 @@ from lgd_cli.config import choices
 from lgd_cli.config.build import SavedConfig, base_config, build_config
 from lgd_cli.config.defaults import IGNORED_SOLVER_KEYS
 from lgd_cli.errors import ConfigError
+from tests.helpers import run_cli
 
 SCHEDULE = ["LGD.RELATIVE_SCHEDULE.POST_NONDISTILL=0.1", "LGD.RELATIVE_SCHEDULE.PRE_FREEZE_BACKBONE=0.2"]
 
@@ -103,8 +104,8 @@ def test_a_cuda_index_beyond_the_visible_devices_is_refused(monkeypatch):
         build_config("demo", device="cuda:2", resolve_dataset=False)
 
 
-def test_a_bad_device_stops_lgd_train_before_anything_is_written(lgd_cli_run, tmp_path, capsys):
-    assert lgd_cli_run("train", "--device", "gpu", "--output", str(tmp_path / "run")) == 2
+def test_a_bad_device_stops_lgd_train_before_anything_is_written(tmp_path, capsys):
+    assert run_cli("train", "--device", "gpu", "--output", str(tmp_path / "run")) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 

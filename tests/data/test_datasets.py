@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lgd_cli.data import datasets, synthetic
-from lgd_cli.data.datasets import coco_paths, register_coco_json, register_synthetic
+from lgd_cli.data import datasets
+from lgd_cli.data.datasets import coco_paths, register_coco_json
 from lgd_cli.data.synthetic import CLASS_NAMES, generate
 from lgd_cli.errors import DataError
 
@@ -117,14 +117,6 @@ def test_failed_registration_keeps_the_previous_one(tmp_path, shapes, cache):
     with pytest.raises(DataError, match="broken.json: not valid JSON"):
         register_coco_json("t_keep", tmp_path / "broken.json", shapes.train_images, cache_dir=cache)
     assert len(DatasetCatalog.get("t_keep")) == 12
-
-
-def test_register_synthetic(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "DEFAULT_SIZES", {"num_train": 6, "num_val": 3, "image_size": 64, "seed": 0})
-    train, val, names = register_synthetic(tmp_path / "synthetic")
-    assert names == list(CLASS_NAMES)
-    assert (len(DatasetCatalog.get(train)), len(DatasetCatalog.get(val))) == (6, 3)
-    assert MetadataCatalog.get(val).json_file == str((tmp_path / "synthetic/annotations/instances_val.json"))
 
 
 def _coco_layout(root):

@@ -1,6 +1,5 @@
 """Mixed precision (SOLVER.AMP): bf16 autocast on CPU, fp16 with one GradScaler for both optimisers."""
 import copy
-import itertools
 
 import pytest
 import torch
@@ -8,14 +7,10 @@ from detectron2.utils.events import EventStorage
 
 from lgd_cli.config.build import build_config
 from lgd_cli.engine.amp import MixedPrecision
-from lgd_cli.engine.hooks import LgdScheduleHook
-from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.modeling.distiller import build_distiller
-from lgd_cli.engine.trainer import LGDTrainer
 from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd import DistillationLoss, instance_norm
 from lgd_cli.modeling.lgd.relation_adapter import RelationAdapter
-from tests.modeling.test_distiller import make_batch
+from tests.helpers import make_batch, make_trainer
 
 # 128-px images: torch's CPU bf16 convolution gives non-finite weight gradients now and then for
 # a 1x1 input map (p6 of a 64-px image, the input of p7's strided conv); GPUs are not affected.
@@ -28,21 +23,6 @@ def scaled(trainer):
     (tests/test_cuda.py trains in real fp16.)"""
     trainer.amp = MixedPrecision("cpu", True, torch.bfloat16, loss_scaling=True)
     return trainer
-
-
-def make_trainer(tiny_overrides, *extra):
-    sizes = [f"INPUT.MIN_SIZE_TRAIN=({SIZE},)", f"INPUT.MAX_SIZE_TRAIN={SIZE}"]
-    cfg = build_config("demo", tiny_overrides + sizes + list(extra), device="cpu")
-    torch.manual_seed(0)
-    model = build_distiller(cfg)
-    optimizers, schedulers = build_optimizers(cfg, model)
-    loader = itertools.cycle([make_batch(seed=i, size=SIZE) for i in range(3)])
-    trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters(),
-                         amp=MixedPrecision.from_config(cfg))
-    d = cfg.MODEL.DISTILLATOR
-    trainer.register_hooks([LgdScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
-                                            d.PRE_FREEZE_STUDENT_BACKBONE_ITERS)])
-    return cfg, model, trainer
 
 
 def test_config_keys_and_checks(tiny_overrides):
@@ -59,7 +39,7 @@ def test_config_keys_and_checks(tiny_overrides):
 
 
 def test_bf16_and_fp16_losses_stay_close_to_fp32_on_the_same_batch(tiny_overrides):
-    _, model, _ = make_trainer(tiny_overrides)
+    _, model, _ = make_trainer(tiny_overrides, size=SIZE)
     batch = make_batch(seed=1, size=SIZE)
     losses = {}
     for name, amp in (("fp32", MixedPrecision("cpu")), ("bf16", MixedPrecision("cpu", True, torch.bfloat16)),
@@ -89,7 +69,7 @@ def test_distillation_loss_norms_and_attention_are_fp32_under_autocast():
 
 @pytest.mark.parametrize("precision", ["bf16", "loss-scaled"])
 def test_mixed_precision_trains_both_optimisers(tiny_overrides, precision):
-    _, model, trainer = make_trainer(tiny_overrides, *AMP["bf16"])
+    _, model, trainer = make_trainer(tiny_overrides, *AMP["bf16"], size=SIZE)
     if precision == "loss-scaled":
         scaled(trainer)
     before = [p.detach().clone() for p in model.parameters()]
@@ -115,8 +95,8 @@ def _max_grad_at_step(trainer):
 def test_fp16_gradients_are_unscaled_before_the_clipping_step(tiny_overrides):
     clip = ["SOLVER.CLIP_GRADIENTS.ENABLED=True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE=value",
             "SOLVER.CLIP_GRADIENTS.CLIP_VALUE=1.0"]
-    fp32 = _max_grad_at_step(make_trainer(tiny_overrides, *clip)[2])
-    trainer = scaled(make_trainer(tiny_overrides, *clip, *AMP["bf16"])[2])
+    fp32 = _max_grad_at_step(make_trainer(tiny_overrides, *clip, size=SIZE)[2])
+    trainer = scaled(make_trainer(tiny_overrides, *clip, *AMP["bf16"], size=SIZE)[2])
     assert trainer.amp.scaler.get_scale() == 2.0**16
     fp16 = _max_grad_at_step(trainer)
     # Unscaled (not 65536 times larger) when the optimiser, and so its value clipping, sees them.
@@ -124,7 +104,7 @@ def test_fp16_gradients_are_unscaled_before_the_clipping_step(tiny_overrides):
 
 
 def test_an_fp16_overflow_skips_both_optimisers_lowers_the_scale_and_retries(tiny_overrides):
-    _, model, trainer = make_trainer(tiny_overrides, *AMP["bf16"])
+    _, model, trainer = make_trainer(tiny_overrides, *AMP["bf16"], size=SIZE)
     scaled(trainer)
     state = trainer.amp.scaler.state_dict()
     trainer.amp.scaler.load_state_dict({**state, "scale": 2.0**127})  # any gradient overflows fp32
@@ -140,16 +120,16 @@ def test_an_fp16_overflow_skips_both_optimisers_lowers_the_scale_and_retries(tin
 
 
 def test_the_loss_scale_is_saved_and_restored_with_the_trainer(tiny_overrides):
-    trainer = scaled(make_trainer(tiny_overrides, *AMP["bf16"])[2])
+    trainer = scaled(make_trainer(tiny_overrides, *AMP["bf16"], size=SIZE)[2])
     trainer.amp.scaler.load_state_dict({**trainer.amp.scaler.state_dict(), "scale": 2.0**127})
     trainer.train(0, 2)
     state = trainer.state_dict()
     assert state["grad_scaler"]["scale"] == trainer.amp.scaler.get_scale() and state["amp_skipped"] >= 1
-    fresh = scaled(make_trainer(tiny_overrides, *AMP["bf16"])[2])
+    fresh = scaled(make_trainer(tiny_overrides, *AMP["bf16"], size=SIZE)[2])
     fresh.load_state_dict(state)
     assert fresh.amp.scaler.state_dict() == trainer.amp.scaler.state_dict()
     assert fresh.amp_skipped == trainer.amp_skipped
     # fp32 runs keep their checkpoints as they were: no scaler entry.
-    _, _, plain = make_trainer(tiny_overrides)
+    _, _, plain = make_trainer(tiny_overrides, size=SIZE)
     plain.train(0, 1)
     assert "grad_scaler" not in plain.state_dict()

@@ -9,7 +9,7 @@ import torch
 from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, check_pickle_weights, read_lgd_checkpoint
 from lgd_cli.errors import CheckpointError
 
-from conftest import fill_disk_after  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import fill_disk_after
 
 
 class _CreatesFile:
@@ -133,7 +133,7 @@ def test_rng_and_data_state_load_with_weights_only(tmp_path):
     import io
     import random
 
-    from lgd_cli.engine.rng import capture_rng_state, restore_rng_state
+    from lgd_cli.rng import capture_rng_state, restore_rng_state
 
     buffer = io.BytesIO()
     torch.save({"rng": capture_rng_state()}, buffer)

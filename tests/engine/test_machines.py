@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli
+from tests.helpers import run_cli
 from lgd_cli.engine.launch import launch, report_failure
 from lgd_cli.errors import DataError, LgdError
 

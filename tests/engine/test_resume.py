@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lgd_cli.files import repair_json_lines
-from test_end_to_end import lgd, sets
+from tests.helpers import lgd, sets
 
 
 def _tensors(state, prefix=""):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from tests.helpers import run_cli
 from lgd_cli.engine.run_folder import LOCK_FILE, RunFolderLock, holds_run
 from lgd_cli.errors import LgdError
 

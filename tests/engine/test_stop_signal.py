@@ -8,11 +8,11 @@ import torch
 from detectron2.utils import comm
 
 from lgd_cli.engine.hooks import GracefulStopHook, TrainingStopped
-from tests.engine.test_amp import make_trainer
+from tests.helpers import LGD, make_trainer, sets
 
 
 def test_the_step_carries_this_process_stop_signal(tiny_overrides):
-    _, _, trainer = make_trainer(tiny_overrides)
+    _, _, trainer = make_trainer(tiny_overrides, size=128)
     hook = GracefulStopHook(checkpointer=None)
     hook.trainer = trainer
     hook.before_train()
@@ -56,8 +56,6 @@ def _spawned_workers(pid: int) -> list[int]:
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_iteration(tiny_overrides, tmp_path):
     import subprocess
     import time
-
-    from tests.test_end_to_end import LGD, sets
 
     out = tmp_path / "term2"
     pairs = tiny_overrides + ["SOLVER.MAX_ITER=60", "SOLVER.CHECKPOINT_PERIOD=5"]

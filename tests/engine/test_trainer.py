@@ -4,31 +4,15 @@ import itertools
 import pytest
 import torch
 
-from lgd_cli.config.build import build_config
-from lgd_cli.engine.hooks import LgdScheduleHook, distillation_active
-from lgd_cli.engine.optimizers import build_optimizers
-from lgd_cli.modeling.distiller import build_distiller
-from lgd_cli.engine.trainer import LGDTrainer, NonFiniteLossError
-from tests.modeling.test_distiller import make_batch
+from lgd_cli.engine.hooks import distillation_active
+from lgd_cli.engine.trainer import NonFiniteLossError
+from tests.helpers import make_trainer
 
 
 @pytest.mark.parametrize("iteration, expected", [(0, False), (29999, False), (30000, True), (130000, True),
                                                  (130001, False), (179999, False)])
 def test_distillation_window_is_the_references_rule(iteration, expected):
     assert distillation_active(iteration, pre=30000, post=50000, max_iter=180000) is expected
-
-
-def make_trainer(tiny_overrides, *extra):
-    cfg = build_config("demo", tiny_overrides + list(extra), device="cpu")
-    torch.manual_seed(0)
-    model = build_distiller(cfg)
-    optimizers, schedulers = build_optimizers(cfg, model)
-    loader = itertools.cycle([make_batch(seed=i) for i in range(3)])
-    trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters())
-    d = cfg.MODEL.DISTILLATOR
-    trainer.register_hooks([LgdScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
-                                            d.PRE_FREEZE_STUDENT_BACKBONE_ITERS)])
-    return cfg, model, trainer
 
 
 def snapshot(params):
@@ -134,3 +118,23 @@ def test_skipped_count_survives_a_checkpoint(tiny_overrides):
     _, _, fresh = make_trainer(tiny_overrides)
     fresh.load_state_dict(trainer.state_dict())
     assert fresh.nonfinite_skipped == 1
+
+
+@pytest.mark.parametrize("window", [
+    ["LGD.RELATIVE_SCHEDULE.ENABLED=False", "MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS=1",
+     "MODEL.DISTILLATOR.POST_NONDISTILL_ITERS=3"],
+    # The demo's way: fractions of MAX_ITER (1/6 and 1/2 of 6 iterations).
+    ["LGD.RELATIVE_SCHEDULE.PRE_NONDISTILL=0.1667", "LGD.RELATIVE_SCHEDULE.POST_NONDISTILL=0.5"],
+])
+def test_last_iterations_of_a_run_with_a_post_window_do_not_distil(tiny_overrides, window):
+    """POST_NONDISTILL_ITERS = 3 of 6: iterations 4 and 5 (> MAX_ITER - POST, the reference's rule)
+    train without distillation, as iteration 0 (< PRE = 1) does; the flag is logged every step."""
+    cfg, model, trainer = make_trainer(tiny_overrides, "SOLVER.MAX_ITER=6", *window)
+    assert (cfg.MODEL.DISTILLATOR.PRE_NONDISTILL_ITERS, cfg.MODEL.DISTILLATOR.POST_NONDISTILL_ITERS) == (1, 3)
+    seen = []
+    forward = model.forward
+    model.forward = lambda batch: (seen.append(model.distill_active), forward(batch))[1]
+    trainer.train(0, 6)
+    assert seen == [False, True, True, True, False, False]
+    logged = trainer.storage.history("distill_active").values()
+    assert [(int(iteration), value) for value, iteration in logged] == list(enumerate([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]))

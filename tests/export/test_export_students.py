@@ -7,7 +7,7 @@ import pytest
 from lgd_cli.config.build import build_config
 from lgd_cli.export import export_checkpoint, trace
 
-from conftest import STUDENT_OVERRIDES, widen_head  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import STUDENT_OVERRIDES, widen_head
 
 
 @pytest.fixture(scope="module", params=["fcos", "faster"])

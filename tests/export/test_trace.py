@@ -7,7 +7,7 @@ import torch
 
 from lgd_cli.export import export_checkpoint, trace
 
-from conftest import fill_disk_after, run_cli  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import fill_disk_after, run_cli
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from lgd_cli.modeling.students.base import StudentSeams
-from tests.modeling.test_distiller import make_batch
-from tests.modeling.test_students import build  # noqa: F401  (fixture)
+from tests.helpers import make_batch
 
 HEADS = {"retinanet": [], "retinanet-gn": ["MODEL.RETINANET.NORM=GN", "MODEL.FPN.OUT_CHANNELS=64"],
          "fcos": None}

@@ -1,45 +1,8 @@
 """LGDDistiller on detectron2's RetinaNet: loss terms, empty batches, detaching, student-only inference."""
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import EventStorage
 
-from lgd_cli.config.build import build_config
-from lgd_cli.modeling.distiller import build_distiller
-
-from conftest import two_loss_calls  # noqa: E402  (tests/ is on sys.path via its conftest)
-
-
-def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(num_images):
-        inst = Instances((size, size))
-        xy = torch.rand(boxes_per_image, 2, generator=g) * size / 2
-        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + 6
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, 3, (boxes_per_image,), generator=g)
-        batch.append({"image": torch.randint(0, 255, (3, size, size), generator=g).float(), "instances": inst})
-    return batch
-
-
-@pytest.fixture
-def model_factory(tiny_overrides):
-    def build(*extra):
-        # K = 3 classes (not 80) and C = 32 channels (not 256).
-        cfg = build_config("demo", tiny_overrides + ["LGD.DATA.SOURCE=synthetic", *extra], device="cpu",
-                           resolve_dataset=False)
-        cfg.defrost()
-        cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
-        cfg.MODEL.RETINANET.NUM_CLASSES = 3
-        torch.manual_seed(0)
-        return build_distiller(cfg).train()
-    return build
-
-
-def losses_of(model, batch):
-    with EventStorage(0):
-        return model(batch)
+from tests.helpers import losses_of, make_batch, two_loss_calls
 
 
 def test_training_returns_student_teacher_and_distillation_terms(model_factory):
@@ -160,3 +123,42 @@ def test_inference_runs_the_student_alone(model_factory):
     with torch.no_grad():
         out = model(make_batch(num_images=1))
     assert called and "instances" in out[0]
+
+
+def test_config_keys_reach_their_modules(model_factory):
+    """MODEL.DISTILLATOR.LAMBDA, TEACHER.INTERACT_PATTERN / NR_TRANSFORMER_HEADS and
+    LABEL_ENCODER.CATEGORY_FORMAT, changed from their defaults, are what the built modules use."""
+    default = model_factory()
+    assert default.distill_loss.loss_weight == 1.0 and default.teacher.relation.pattern == "stuGuided"
+    assert default.teacher.relation.attention.num_heads == 8
+    assert default.teacher.label_encoder.in_dim == 4 + 3  # box + one-hot over K = 3
+    changed = model_factory("MODEL.DISTILLATOR.LAMBDA=2.5", "MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN=labelGuided",
+                            "MODEL.DISTILLATOR.TEACHER.NR_TRANSFORMER_HEADS=4",
+                            "MODEL.DISTILLATOR.LABEL_ENCODER.CATEGORY_FORMAT=norm_classes")
+    assert changed.distill_loss.loss_weight == 2.5
+    assert changed.teacher.relation.pattern == "labelGuided"
+    assert changed.teacher.relation.attention.num_heads == 4
+    assert changed.teacher.label_encoder.category_format == "norm_classes"
+    assert changed.teacher.label_encoder.in_dim == 4 + 1  # box + class / K
+    # A pattern without attention builds none (student_fill passes the appearance through).
+    assert not hasattr(model_factory("MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN=student_fill").teacher.relation,
+                       "attention")
+
+
+def test_lambda_scales_the_distillation_loss(model_factory):
+    batch = make_batch()
+    base = losses_of(model_factory(), batch)
+    scaled = losses_of(model_factory("MODEL.DISTILLATOR.LAMBDA=2.5"), batch)  # the same initial weights
+    assert scaled["loss_distill"].item() == pytest.approx(2.5 * base["loss_distill"].item(), rel=1e-5)
+    assert scaled["loss_cls"].item() == pytest.approx(base["loss_cls"].item(), rel=1e-6)  # and nothing else
+
+
+def test_interact_pattern_and_heads_change_the_teacher_maps(model_factory):
+    """Not only stored: a different pattern, head count or class format gives other teacher maps, hence
+    another loss (the same computation on the CPU gives the same float: far below 1e-6 apart)."""
+    batch = make_batch()
+    base = losses_of(model_factory(), batch)["loss_distill"].item()
+    for changed in ("MODEL.DISTILLATOR.TEACHER.INTERACT_PATTERN=teacher_fill",
+                    "MODEL.DISTILLATOR.TEACHER.NR_TRANSFORMER_HEADS=4",
+                    "MODEL.DISTILLATOR.LABEL_ENCODER.CATEGORY_FORMAT=norm_classes"):
+        assert losses_of(model_factory(changed), batch)["loss_distill"].item() != pytest.approx(base, rel=1e-6), changed

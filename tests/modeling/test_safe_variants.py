@@ -7,7 +7,7 @@ from detectron2.utils.events import EventStorage
 from lgd_cli.config.build import build_config
 from lgd_cli.config.presets import list_presets
 from lgd_cli.errors import ConfigError
-from tests.modeling.test_distiller import losses_of, make_batch, model_factory  # noqa: F401  (fixture)
+from tests.helpers import losses_of, make_batch
 
 HEAD_OFF = "MODEL.DISTILLATOR.TEACHER.HEAD_GRADIENT=False"
 GATE = "MODEL.DISTILLATOR.DISTILL_GATE=teacher_better"

@@ -6,13 +6,12 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from lgd_cli.config.build import build_config
-from lgd_cli.modeling.distiller import build_distiller
 from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd import box_cell_masks, level_scales
 from lgd_cli.modeling.students.fcos import FCOS
 from lgd_cli.modeling.students.rcnn import label_map_cells
 
-from conftest import STUDENT_OVERRIDES as DETECTORS, two_loss_calls  # noqa: E402  (tests/ is on sys.path via its conftest)
+from tests.helpers import STUDENT_OVERRIDES as DETECTORS, losses_of, two_loss_calls
 
 # pycocotools (rasterising polygons) on numpy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -53,25 +52,6 @@ def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0, bitmasks=False)
 def targets_positives(targets) -> int:
     labels = torch.stack(targets.gt_labels)
     return max(int(((labels >= 0) & (labels != 3)).sum()), 1)
-
-
-@pytest.fixture
-def build(tiny_overrides):
-    def build(detector, *extra, eval_mode=False):
-        cfg = build_config("demo", tiny_overrides + ["LGD.DATA.SOURCE=synthetic", *DETECTORS[detector], *extra],
-                           device="cpu", resolve_dataset=False)
-        cfg.defrost()
-        cfg.LGD.CLASS_NAMES = ["a", "b", "c"]
-        cfg.MODEL.FCOS.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-        torch.manual_seed(0)
-        model = build_distiller(cfg)
-        return model.eval() if eval_mode else model.train()
-    return build
-
-
-def losses_of(model, batch):
-    with EventStorage(0):
-        return model(batch)
 
 
 @pytest.mark.parametrize("detector", list(DETECTORS))

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fill_disk_after, run_cli  # tests/ is on sys.path via its conftest
+from tests.helpers import fill_disk_after, run_cli
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
 from lgd_cli.config.build import build_config

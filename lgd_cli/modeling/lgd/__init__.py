@@ -1,6 +1,6 @@
 """LGD teacher modules in plain PyTorch: no detectron2, no config (docs/method.md §2-6)."""
 from .appearance_embedding import AppearanceEmbedding
-from .box_masks import CELL_MAPPINGS, box_cell_masks, instance_cell_masks, level_scales
+from .box_masks import CELL_MAPPINGS, box_cell_masks, level_scales
 from .distill_loss import DistillationLoss, instance_norm
 from .knowledge_mapper import KnowledgeMapper
 from .label_encoder import LabelEncoder
@@ -18,7 +18,6 @@ __all__ = [
     "ObjectBatch",
     "RelationAdapter",
     "box_cell_masks",
-    "instance_cell_masks",
     "instance_norm",
     "level_scales",
     "pack_objects",

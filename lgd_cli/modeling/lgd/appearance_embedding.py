@@ -14,14 +14,11 @@ class AppearanceEmbedding(nn.Module):
 
     Args:
         channels: C, the FPN width.
-        num_levels: the number of FPN levels forward expects (checked, not used to
-            build per-level layers); None accepts any.
         detach_features: stop gradients into the student here (DETACH_APPEARANCE_EMBED).
     """
 
-    def __init__(self, channels: int, num_levels: int | None = None, detach_features: bool = False):
+    def __init__(self, channels: int, detach_features: bool = False):
         super().__init__()
-        self.num_levels = num_levels
         self.detach_features = detach_features
         self.project = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1),
@@ -41,7 +38,6 @@ class AppearanceEmbedding(nn.Module):
             an empty mask (padding, boxes smaller than a cell) are 0.
         """
         assert len(features) == len(masks)
-        assert self.num_levels is None or len(features) == self.num_levels
         pooled = []
         for feature, mask in zip(features, masks):
             if self.detach_features:

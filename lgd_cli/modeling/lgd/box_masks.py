@@ -5,13 +5,12 @@ Computed once per step and shared by appearance pooling and knowledge rendering.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # CELL_MAPPINGS: how a box in padded-image pixels lands on a level: see level_scales.
 from lgd_cli.config.choices import CELL_MAPPINGS
 
-__all__ = ["CELL_MAPPINGS", "box_cell_masks", "instance_cell_masks", "level_scales"]
+__all__ = ["CELL_MAPPINGS", "box_cell_masks", "level_scales"]
 
 
 def level_scales(feature_shapes: list[tuple[int, int]], strides: list[int], padded_size: tuple[int, int],
@@ -77,31 +76,3 @@ def box_cell_masks(
         masks.append(inside.to(boxes.dtype))
     return masks
 
-
-def instance_cell_masks(
-    bitmasks: Tensor,
-    include: Tensor,
-    is_context: Tensor,
-    feature_shapes: list[tuple[int, int]],
-) -> list[Tensor]:
-    """Per-level cell masks from instance bitmasks, for the label-map (Mask R-CNN) variant.
-
-    The reference pools and renders over the instance's pixels rather than its box
-    when label maps are on; each bitmask is resized to the level by nearest sampling.
-
-    Args:
-        bitmasks: (B, N, H, W) 0/1 instance masks on the padded canvas (any value for
-            context and padding slots: they are overwritten).
-        include: (B, N) bool; excluded slots get an all-zero mask.
-        is_context: (B, N) bool; context slots cover every cell.
-        feature_shapes: L pairs (H_l, W_l).
-
-    Returns:
-        L float tensors (B, N, H_l, W_l) of 0/1.
-    """
-    masks = []
-    for shape in feature_shapes:
-        resized = F.interpolate(bitmasks.float(), size=shape, mode="nearest") > 0.5
-        resized = (resized | is_context[..., None, None]) & include[..., None, None]
-        masks.append(resized.float())
-    return masks

@@ -20,14 +20,12 @@ class KnowledgeMapper(nn.Module):
 
     Args:
         channels: C, the FPN width.
-        num_levels: the number of levels forward expects (checked only); None accepts any.
         add_context_box: the objects carry a context slot whose vector is added to every
             cell (ADD_CONTEXT_BOX); its projection exists only then.
     """
 
-    def __init__(self, channels: int, num_levels: int | None = None, add_context_box: bool = False):
+    def __init__(self, channels: int, add_context_box: bool = False):
         super().__init__()
-        self.num_levels = num_levels
         self.add_context_box = add_context_box
         self.instance_proj = nn.Linear(channels, channels)
         self.instance_conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -50,7 +48,6 @@ class KnowledgeMapper(nn.Module):
             L teacher maps (B, C, H_l, W_l), the shapes of the masks' grids.
         """
         assert len(object_vectors) == len(masks)
-        assert self.num_levels is None or len(masks) == self.num_levels
         paint = objects.painted[..., None].to(masks[0].dtype)  # (B, N, 1)
         context = objects.is_context[..., None].to(masks[0].dtype)
         outputs = []

@@ -26,18 +26,15 @@ class RelationAdapter(nn.Module):
         channels: C; must be divisible by num_heads.
         num_heads: attention heads.
         pattern: one of INTERACT_PATTERNS.
-        num_levels: the number of levels forward expects (checked only); None accepts any.
     """
 
-    def __init__(self, channels: int, num_heads: int = 8, pattern: str = "stuGuided",
-                 num_levels: int | None = None):
+    def __init__(self, channels: int, num_heads: int = 8, pattern: str = "stuGuided"):
         super().__init__()
         if pattern not in INTERACT_PATTERNS:
             raise ValueError(f"pattern must be one of {INTERACT_PATTERNS}, got {pattern!r}")
         if channels % num_heads != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.pattern = pattern
-        self.num_levels = num_levels
         if pattern != "student_fill":
             self.label_proj = nn.Sequential(
                 nn.Linear(channels, channels), nn.LayerNorm(channels, elementwise_affine=False), nn.ReLU()
@@ -56,7 +53,6 @@ class RelationAdapter(nn.Module):
         Returns:
             L tensors (B, N, C); slots outside ``include`` are exactly zero.
         """
-        assert self.num_levels is None or len(appearance) == self.num_levels
         keep = include[..., None].to(label_embed.dtype)
         if self.pattern == "student_fill":
             return [a * keep for a in appearance]

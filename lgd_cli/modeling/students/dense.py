@@ -35,7 +35,7 @@ class DenseTargets:
     normalizer: float | None = None  # the loss-normaliser EMA before this batch
 
 
-class DenseStudent(StudentSeams):
+class DenseSeams(StudentSeams):
     """Stateless view over a detectron2 DenseDetector (no parameters of its own).
 
     Args:

@@ -28,7 +28,7 @@ from lgd_cli.errors import ConfigError
 from lgd_cli.modeling.lgd.box_masks import CELL_MAPPINGS
 from lgd_cli.modeling.students.base import StudentSeams
 
-__all__ = ["RCNNStudent", "RCNNTargets", "label_map_cells", "label_map_crops"]
+__all__ = ["RCNNSeams", "RCNNTargets", "label_map_cells", "label_map_crops"]
 
 
 @dataclass
@@ -40,7 +40,7 @@ class RCNNTargets:
     gt_boxes: Any = None
 
 
-class RCNNStudent(StudentSeams):
+class RCNNSeams(StudentSeams):
     """Stateless view over a detectron2 GeneralizedRCNN with an RPN (no parameters of its own)."""
 
     def __init__(self, detector: GeneralizedRCNN):

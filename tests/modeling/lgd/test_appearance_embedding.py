@@ -18,7 +18,7 @@ def _naive_pool(projected, mask):
 
 def test_pooling_matches_naive_loop():
     torch.manual_seed(0)
-    module = AppearanceEmbedding(C, num_levels=2)
+    module = AppearanceEmbedding(C)
     features = [torch.randn(2, C, 8, 8), torch.randn(2, C, 4, 4)]
     masks = [(torch.rand(2, 5, 8, 8) > 0.6).float(), (torch.rand(2, 5, 4, 4) > 0.6).float()]
     masks[0][1, 3] = 0  # an object with no cell

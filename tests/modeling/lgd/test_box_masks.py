@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lgd_cli.modeling.lgd import box_cell_masks, instance_cell_masks, level_scales
+from lgd_cli.modeling.lgd import box_cell_masks, level_scales
 
 
 def _stride(shapes, strides):
@@ -65,12 +65,3 @@ def test_reference_maps_boxes_by_feature_over_padded_size():
     with pytest.raises(ValueError, match="mapping"):
         level_scales(shapes, strides, padded, "nearest")
 
-
-def test_instance_cell_masks_resize_nearest():
-    bitmask = torch.zeros(1, 2, 8, 8)
-    bitmask[0, 0, :4, :4] = 1
-    include = torch.tensor([[True, True]])
-    is_context = torch.tensor([[False, True]])
-    (mask,) = instance_cell_masks(bitmask, include, is_context, [(2, 2)])
-    assert mask[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
-    assert mask[0, 1].eq(1).all()

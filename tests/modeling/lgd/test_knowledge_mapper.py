@@ -37,7 +37,7 @@ def test_render_matches_naive_loop_and_shapes(add_context_box):
     objects = _objects(add_context_box)
     masks = _masks(objects)
     vectors = [torch.randn(2, objects.num_slots, C) for _ in SHAPES]
-    mapper = KnowledgeMapper(C, num_levels=2, add_context_box=add_context_box)
+    mapper = KnowledgeMapper(C, add_context_box=add_context_box)
     out = mapper(vectors, masks, objects)
     assert [o.shape for o in out] == [(2, C, h, w) for h, w in SHAPES]
     for v, m, o in zip(vectors, masks, out):

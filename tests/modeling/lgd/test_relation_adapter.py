@@ -17,7 +17,7 @@ def _inputs(B=2, N=4, seed=0):
 def test_patterns_shapes_and_padding_zero(pattern):
     label, appearance = _inputs()
     include = torch.tensor([[True, True, False, True], [True, False, False, False]])
-    out = RelationAdapter(C, num_heads=4, pattern=pattern, num_levels=L)(label, appearance, include)
+    out = RelationAdapter(C, num_heads=4, pattern=pattern)(label, appearance, include)
     assert len(out) == L and all(o.shape == (2, 4, C) for o in out)
     assert all(o[~include].eq(0).all() and o.isfinite().all() for o in out)
 

@@ -9,16 +9,20 @@ import numpy as np
 import torch
 
 
-def capture_rng_state() -> dict:
-    """Python `random`, numpy's global RandomState, torch CPU and (when initialised) CUDA generators."""
+def _cpu_rng_state() -> dict:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
+    return {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
+
+
+def capture_rng_state() -> dict:
+    """Python `random`, numpy's global RandomState, torch CPU and (when initialised) CUDA generators."""
+    state = _cpu_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -39,9 +43,11 @@ def restore_rng_state(state: dict) -> None:
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Run a block without it moving the CPU generators (python, numpy, torch) of this process."""
-    state = capture_rng_state()
-    state.pop("cuda", None)
+    """Run a block without it moving the CPU generators (python, numpy, torch) of this process.
+
+    CUDA is never queried: the data loader's worker processes run this for every sample.
+    """
+    state = _cpu_rng_state()
     try:
         yield
     finally:
