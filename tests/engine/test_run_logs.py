@@ -7,6 +7,7 @@ import pytest
 
 from lgd_cli.config.build import build_config
 from lgd_cli.engine.train import train
+from tests.helpers import run_cli
 
 
 def strict_json_lines(path: Path) -> list[dict]:
@@ -111,8 +112,6 @@ def test_cli_train_prints_log_lines_and_ap_when_stdout_is_no_terminal(tiny_overr
 
 
 def test_lgd_plot_draws_the_runs_overlaid(finished_run, tmp_path, capsys):
-    from conftest import run_cli
-
     _, out, _ = finished_run
     png = tmp_path / "curves" / "runs.png"
     assert run_cli("plot", str(out), str(out), "--output", str(png)) == 0
