@@ -15,7 +15,7 @@ import typer
 from lgd_cli import __version__, render
 from lgd_cli.compat import typer as _typer_compat
 from lgd_cli.console import console, print_error
-from lgd_cli.errors import INTERRUPTED_EXIT_CODE, LgdError, user_error
+from lgd_cli.errors import INTERRUPTED_EXIT_CODE, LGDError, user_error
 
 _typer_compat.apply()
 
@@ -179,7 +179,7 @@ def train(
     pairs += _data_pairs(data_root, train_json, train_images, val_json, val_images)
     try:
         cfg = build_config(preset, pairs + list(overrides or []), device=device)
-    except LgdError as exc:
+    except LGDError as exc:
         # The other machines stop too, instead of waiting for this one until --join-timeout.
         report_failure(exc, num_machines=machines, machine_rank=machine_rank, dist_url=dist_url,
                                     wait_s=min(10.0, join_timeout))
@@ -247,7 +247,7 @@ def doctor() -> None:
                         [[c.component, c.version, c.detail, "yes" if c.ok else ("NO" if c.required else "no")] for c in checks]))
     broken = [c.component for c in checks if c.required and not c.ok]
     if broken:
-        raise LgdError(f"broken: {', '.join(broken)}", hint="re-run `make setup` (see README, Installation)")
+        raise LGDError(f"broken: {', '.join(broken)}", hint="re-run `make setup` (see README, Installation)")
 
 
 @data_app.command("synth")
@@ -372,7 +372,7 @@ def compare(
     report = run_comparison(settings, output, jobs=jobs, resume=resume, display=TerminalDisplay())
     render.comparison(report)
     if report["failed"]:
-        raise LgdError(f"{len(report['failed'])} of {2 * seeds} runs failed: "
+        raise LGDError(f"{len(report['failed'])} of {2 * seeds} runs failed: "
                        + "; ".join(f"{f['run']}: {f['error']}" for f in report["failed"]),
                        hint="each run's log is compare.log in its folder; re-run the same command with --resume")
 
@@ -395,7 +395,7 @@ def plot(
 
 
 def main() -> None:
-    """Console entry point: run the app, turn LgdError and Ctrl-C into messages and exit codes."""
+    """Console entry point: run the app, turn LGDError and Ctrl-C into messages and exit codes."""
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)
@@ -404,8 +404,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(INTERRUPTED_EXIT_CODE)
-    except (LgdError, OSError, KeyboardInterrupt) as exc:
-        if isinstance(exc, LgdError) and exc.exit_code == 0:  # RunFinished: nothing to do, not a failure
+    except (LGDError, OSError, KeyboardInterrupt) as exc:
+        if isinstance(exc, LGDError) and exc.exit_code == 0:  # RunFinished: nothing to do, not a failure
             console.print(exc.message, highlight=False, soft_wrap=True)
             if exc.hint:
                 console.print(exc.hint, highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ import os
 INTERRUPTED_EXIT_CODE = 130  # the shell's status of a process ended by Ctrl-C (128 + SIGINT)
 
 
-class LgdError(Exception):
+class LGDError(Exception):
     """A problem with the user's input, data, files or environment.
 
     Args:
@@ -28,21 +28,21 @@ class LgdError(Exception):
             self.exit_code = exit_code
 
 
-class ConfigError(LgdError):
+class ConfigError(LGDError):
     """Unknown preset or config key, wrong value type, bad option: a usage error."""
 
     exit_code = 2
 
 
-class DataError(LgdError):
+class DataError(LGDError):
     """A dataset file (annotations or images) that cannot be used as given."""
 
 
-class CheckpointError(LgdError):
+class CheckpointError(LGDError):
     """A checkpoint or weights file that is missing, truncated or not ours."""
 
 
-class RunFinished(LgdError):
+class RunFinished(LGDError):
     """A request that is already satisfied (`--resume` of a finished run): a note, exit status 0.
 
     An exception, so that it stops the command on every machine of a multi-machine job as a failure
@@ -52,20 +52,20 @@ class RunFinished(LgdError):
     exit_code = 0
 
 
-def user_error(exc: BaseException, *, interrupted_hint: str) -> LgdError | None:
+def user_error(exc: BaseException, *, interrupted_hint: str) -> LGDError | None:
     """What an entry point reports for `exc` and exits with, or None to let it raise (a bug).
 
-    An LgdError as it is; Ctrl-C as "interrupted" with `interrupted_hint`; an OSError that no
+    An LGDError as it is; Ctrl-C as "interrupted" with `interrupted_hint`; an OSError that no
     caller explained (a full disk, permissions) naming its file and cause instead of a traceback.
-    With LGD_DEBUG=1, LgdErrors and OSErrors are raised with their tracebacks.
+    With LGD_DEBUG=1, LGDErrors and OSErrors are raised with their tracebacks.
     """
     if isinstance(exc, KeyboardInterrupt):
-        return LgdError("interrupted", interrupted_hint, exit_code=INTERRUPTED_EXIT_CODE)
+        return LGDError("interrupted", interrupted_hint, exit_code=INTERRUPTED_EXIT_CODE)
     if os.environ.get("LGD_DEBUG") == "1":
         return None
-    if isinstance(exc, LgdError):
+    if isinstance(exc, LGDError):
         return exc
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        return LgdError(f"{where}{exc.strerror or exc}", "LGD_DEBUG=1 shows where it happened")
+        return LGDError(f"{where}{exc.strerror or exc}", "LGD_DEBUG=1 shows where it happened")
     return None

@@ -131,7 +131,7 @@ def make_trainer(tiny_overrides, *extra, size: int = 64):
     """(cfg, model, trainer): an LGDTrainer with the schedule hook over 3 random `size`-px batches."""
     from lgd_cli.config.build import build_config
     from lgd_cli.engine.amp import MixedPrecision
-    from lgd_cli.engine.hooks import LgdScheduleHook
+    from lgd_cli.engine.hooks import LGDScheduleHook
     from lgd_cli.engine.optimizers import build_optimizers
     from lgd_cli.engine.trainer import LGDTrainer
     from lgd_cli.modeling.distiller import build_distiller
@@ -145,7 +145,7 @@ def make_trainer(tiny_overrides, *extra, size: int = 64):
     trainer = LGDTrainer(model, loader, optimizers, model.frozen_backbone_parameters(),
                          amp=MixedPrecision.from_config(cfg))
     d = cfg.MODEL.DISTILLATOR
-    trainer.register_hooks([LgdScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
+    trainer.register_hooks([LGDScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
                                             d.PRE_FREEZE_STUDENT_BACKBONE_ITERS)])
     return cfg, model, trainer
 

@@ -65,7 +65,7 @@ def test_the_lgd_arm_times_distilling_steps_that_train_the_backbone(monkeypatch,
 
     def build(arm_cfg):
         model = real_build(arm_cfg)
-        model.distill_active = False  # as LgdScheduleHook leaves it inside the PRE window
+        model.distill_active = False  # as LGDScheduleHook leaves it inside the PRE window
         loss = model.distill_loss.forward
         model.distill_loss.forward = lambda *a, detach_student, **k: (detached.append(detach_student),
                                                                        loss(*a, detach_student=detach_student, **k))[1]

@@ -35,7 +35,7 @@ def test_train_resume_eval(tiny_overrides, tmp_path):
     assert iterations[-1] == 8
     resumed = torch.load(out / "model_final.pth", weights_only=True)
     assert resumed["trainer"]["iteration"] == 8
-    assert resumed["trainer"]["hooks"]["LgdScheduleHook"]["student"]["last_epoch"] == 9
+    assert resumed["trainer"]["hooks"]["LGDScheduleHook"]["student"]["last_epoch"] == 9
 
     # 4. Evaluate: COCO AP table and metrics.json, student and teacher. After 9 iterations every
     #    score is still near the 0.01 prior, under the 0.05 test threshold: without detections COCO

@@ -74,15 +74,15 @@ def plot_runs(folders: list[Path], output: Path) -> Path:
     evaluation (the teacher's dashed where it was evaluated).
 
     Raises:
-        LgdError: matplotlib is missing, or a folder has no metrics.json.
+        LGDError: matplotlib is missing, or a folder has no metrics.json.
     """
     from lgd_cli.compare.worker import eval_rows, read_metrics
-    from lgd_cli.errors import DataError, LgdError
+    from lgd_cli.errors import DataError, LGDError
 
     try:
         plt = _pyplot()
     except ImportError:
-        raise LgdError("lgd plot needs matplotlib, which is not installed", hint="pip install 'lgd[plot]'") from None
+        raise LGDError("lgd plot needs matplotlib, which is not installed", hint="pip install 'lgd[plot]'") from None
     runs = []
     for folder in map(Path, folders):
         if not (folder / "metrics.json").is_file():

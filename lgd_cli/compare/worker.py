@@ -6,7 +6,7 @@ seed, arm), written by runner.py. A crash here ends this process only, not the c
 from __future__ import annotations
 
 import json
-import resource
+import logging
 import statistics
 import sys
 import time
@@ -58,16 +58,6 @@ def seconds_per_iter(rows: list[dict]) -> float | None:
     return statistics.median(times) if times else None
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak memory of this process: the CUDA allocator's on GPU, resident set size on CPU."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
 def _final_from_log(rows: list[dict], max_iter: int, tasks: tuple[str, ...], teacher: bool) -> dict | None:
     """The evaluation the training's EvalHook ran after the last iteration, if it did."""
     results = {}
@@ -86,6 +76,7 @@ def run(run_dir: Path) -> dict:
     """Train (resuming what is there) and evaluate the run in `run_dir`; write and return result.json."""
     from lgd_cli.config.build import build_config
     from lgd_cli.engine.evaluate import evaluate_checkpoint
+    from lgd_cli.engine.resources import peak_memory_mb
     from lgd_cli.engine.train import train
     from lgd_cli.files import atomic_write_json, finite_or_null
 
@@ -122,6 +113,9 @@ def run(run_dir: Path) -> dict:
 def main(argv: list[str]) -> int:
     from lgd_cli.errors import user_error
 
+    # The run's banner and periodic lines also go to compare.log (this process's stdout), plain.
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[%(asctime)s] %(message)s",
+                        datefmt="%m/%d %H:%M:%S")
     try:
         run(Path(argv[0]))
     except (Exception, KeyboardInterrupt) as exc:

@@ -31,7 +31,7 @@ from lgd_cli.engine.resources import cpu_load, peak_memory_mb
 from lgd_cli.data.datasets import register_config_datasets
 from lgd_cli.modeling.distiller import build_distiller
 from lgd_cli.engine.trainer import LGDTrainer
-from lgd_cli.errors import LgdError
+from lgd_cli.errors import LGDError
 
 
 # What each arm changes in the benchmarked config.
@@ -46,7 +46,7 @@ def _arm_config(cfg, lgd: bool):
 
 def _set_steady_state(model, trainer) -> None:
     """Measure the state most training steps run in: distillation reaching the student, the backbone
-    trained. The benchmark installs no LgdScheduleHook, so the config's window keys
+    trained. The benchmark installs no LGDScheduleHook, so the config's window keys
     (PRE_NONDISTILL_ITERS, PRE_FREEZE_STUDENT_BACKBONE_ITERS...) never act here: the state is set
     where the hook sets it."""
     model.distill_active = True
@@ -211,7 +211,7 @@ def _run_arm(ctx, name: str, *args) -> dict:
                 break
     child.join()
     if status != "ok":
-        raise LgdError(f"benchmark of the {name} arm failed: {payload}")
+        raise LGDError(f"benchmark of the {name} arm failed: {payload}")
     return payload
 
 

@@ -179,7 +179,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return loaded if "model" in loaded else {"model": loaded}
 
 
-class LgdCheckpointer(SafeDetectionCheckpointer):
+class LGDCheckpointer(SafeDetectionCheckpointer):
     """DetectionCheckpointer whose files are written atomically and carry the run's config.
 
     Args:

@@ -9,7 +9,7 @@ import torch
 from detectron2.engine import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 
-from lgd_cli.errors import LgdError
+from lgd_cli.errors import LGDError
 
 
 def collective_device() -> torch.device:
@@ -24,7 +24,7 @@ def distillation_active(iteration: int, pre: int, post: int, max_iter: int) -> b
     return not (iteration < pre or iteration > max_iter - post)
 
 
-class LgdScheduleHook(HookBase):
+class LGDScheduleHook(HookBase):
     """Everything that depends on the iteration: both LR schedules and the two LGD windows.
 
     One hook for both schedulers (detectron2's LRScheduler hook keys its saved state by class
@@ -134,7 +134,7 @@ class ProgressHook(HookBase):
             self.progress = None
 
 
-class TrainingStopped(LgdError):
+class TrainingStopped(LGDError):
     """SIGINT/SIGTERM arrived: the current iteration finished and a checkpoint was written."""
 
 

@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from lgd_cli.compat import detectron2 as _compat
-from lgd_cli.errors import ConfigError, LgdError
+from lgd_cli.errors import ConfigError, LGDError
 
 JOIN_TIMEOUT_S = 300.0
 # One collective may wait this long: the main process evaluating or writing a checkpoint.
@@ -110,8 +110,8 @@ def launch(worker, num_processes: int, *, num_machines: int = 1, machine_rank: i
         when there are several processes.
 
     Raises:
-        The LgdError a process raised (same class, message, hint and exit code, "process N: " or,
-        with several machines, "machine M, rank R: " prefixed), or an LgdError naming the process
+        The LGDError a process raised (same class, message, hint and exit code, "process N: " or,
+        with several machines, "machine M, rank R: " prefixed), or an LGDError naming the process
         and its error, signal or exit code, or the machines that did not join.
     """
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
@@ -127,7 +127,7 @@ def launch(worker, num_processes: int, *, num_machines: int = 1, machine_rank: i
         job.leave()
 
 
-def report_failure(error: LgdError, *, num_machines: int, machine_rank: int, dist_url: str,
+def report_failure(error: LGDError, *, num_machines: int, machine_rank: int, dist_url: str,
                    wait_s: float = 10.0) -> None:
     """Tell the other machines that this one failed before joining (best effort, for `wait_s` at most).
 
@@ -168,13 +168,13 @@ class Rendezvous:
     @classmethod
     def join(cls, host: str, port: int, num_machines: int, machine_rank: int, timeout: float,
              layout: dict) -> "Rendezvous":
-        """Host (machine 0) or reach the store, check in, and wait until every machine has (LgdError if not)."""
+        """Host (machine 0) or reach the store, check in, and wait until every machine has (LGDError if not)."""
         deadline = time.monotonic() + timeout
         if machine_rank == 0:
             try:
                 store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=_OP_TIMEOUT)
             except dist.DistError as exc:
-                raise LgdError(f"cannot listen on tcp://{host}:{port}: {_first_line(exc)}",
+                raise LGDError(f"cannot listen on tcp://{host}:{port}: {_first_line(exc)}",
                                hint="another run or program holds the port: choose a free PORT in --dist-url, "
                                     "the same on every machine") from None
             port = store.port  # the free one, for --dist-url auto
@@ -188,16 +188,16 @@ class Rendezvous:
                 except dist.DistError:
                     store = None
             if store is None:
-                raise LgdError(f"machine 0 did not join {dist_url_of(host, port)} within {timeout:g} s",
+                raise LGDError(f"machine 0 did not join {dist_url_of(host, port)} within {timeout:g} s",
                                hint="machine 0 hosts the rendezvous: start the same `lgd train ... --machine-rank 0` "
                                     "there, and check that this machine reaches HOST:PORT; --join-timeout S waits longer")
         if store.check([_STARTED]):
-            raise LgdError(f"{dist_url_of(host, port)} belongs to a run that has started without this machine",
+            raise LGDError(f"{dist_url_of(host, port)} belongs to a run that has started without this machine",
                            hint="choose another PORT in --dist-url for a new run, the same on every machine")
         job = cls(store, host, port, num_machines, machine_rank)
         try:
             job._check_in(layout, deadline, timeout)
-        except LgdError:
+        except LGDError:
             job.leave()  # machine 0 keeps the store a moment, for the others to read why
             raise
         return job
@@ -205,7 +205,7 @@ class Rendezvous:
     def _check_in(self, layout: dict, deadline: float, timeout: float) -> None:
         me = self.machine_rank
         if self.store.add(f"lgd/count/{me}", 1) > 1:
-            self._fail(LgdError(f"two machines were started with --machine-rank {me}",
+            self._fail(LGDError(f"two machines were started with --machine-rank {me}",
                                 hint=f"give each of the {self.num_machines} machines its own --machine-rank 0 .. "
                                      f"{self.num_machines - 1}"))
         self.store.set(f"lgd/machine/{me}", json.dumps(layout))
@@ -220,7 +220,7 @@ class Rendezvous:
                     difference = _difference(min(me, other), max(me, other), *((layout, theirs) if me < other else
                                                                               (theirs, layout)))
                     if difference:
-                        self._fail(LgdError(difference, hint="run the same command on every machine: only "
+                        self._fail(LGDError(difference, hint="run the same command on every machine: only "
                                             "--machine-rank differs (and paths to data and --output, where disks differ)"))
                     pending.discard(other)
             if not pending:
@@ -230,15 +230,15 @@ class Rendezvous:
                 missing = sorted(pending)
                 who = (f"machine {missing[0]}" if len(missing) == 1 else
                        f"machines {', '.join(map(str, missing))}")
-                self._fail(LgdError(f"{who} did not join {self.url} within {timeout:g} s",
+                self._fail(LGDError(f"{who} did not join {self.url} within {timeout:g} s",
                                     hint=f"start the same `lgd train ...` with --machine-rank {missing[0]} there "
                                          "(every machine must reach HOST:PORT); --join-timeout S waits longer"))
             time.sleep(_POLL_S)
 
-    def _fail(self, error: LgdError):
+    def _fail(self, error: LGDError):
         raise self.publish(error)
 
-    def publish(self, error: LgdError) -> LgdError:
+    def publish(self, error: LGDError) -> LGDError:
         """Publish `error` unless a failure already was; returns the first published one (to raise)."""
         try:
             first = self.store.compare_set(_FAILURE, "", _record(error, error.message))
@@ -246,14 +246,14 @@ class Rendezvous:
             return error
         return _rebuild(json.loads(first))
 
-    def failure(self) -> LgdError | None:
+    def failure(self) -> LGDError | None:
         """The failure another launcher published, or None."""
         try:
             if not self.store.check([_FAILURE]):
                 return None
             return _rebuild(json.loads(self.store.get(_FAILURE)))
         except dist.DistError:
-            return LgdError(f"machine 0 stopped: {self.url} no longer answers",
+            return LGDError(f"machine 0 stopped: {self.url} no longer answers",
                             hint="machine 0's terminal or its run folder's log.txt says why")
 
     def result(self):
@@ -355,41 +355,41 @@ def _difference(low: int, high: int, a: dict, b: dict) -> str | None:
     return None
 
 
-def _record(error: LgdError, message: str) -> str:
+def _record(error: LGDError, message: str) -> str:
     return json.dumps({"module": type(error).__module__, "name": type(error).__name__, "message": message,
                        "hint": error.hint, "exit_code": error.exit_code})
 
 
-def _rebuild(record: dict) -> LgdError:
-    """The LgdError a record describes, of its own class where that is one of lgd's."""
-    cls = LgdError
+def _rebuild(record: dict) -> LGDError:
+    """The LGDError a record describes, of its own class where that is one of lgd's."""
+    cls = LGDError
     if record.get("module", "").startswith("lgd_cli."):
         try:
             found = getattr(importlib.import_module(record["module"]), record["name"])
-            if isinstance(found, type) and issubclass(found, LgdError):
+            if isinstance(found, type) and issubclass(found, LGDError):
                 cls = found
         except (ImportError, AttributeError):
             pass
     return cls(record["message"], hint=record.get("hint"), exit_code=record.get("exit_code"))
 
 
-def _raised_error(errors: Path, index: int, trace: str, who: str | None = None) -> LgdError:
+def _raised_error(errors: Path, index: int, trace: str, who: str | None = None) -> LGDError:
     """The error process `index` (named `who`) raised, rebuilt from the record it left, or its traceback's last line."""
     who = who or f"process {index}"
     subject = f"training {who}" if who.startswith("process") else who
     try:
         record = json.loads((errors / f"{index}.json").read_text())
     except (OSError, ValueError):
-        record = None  # not an LgdError: the traceback it printed is all there is
+        record = None  # not an LGDError: the traceback it printed is all there is
     if record is not None:
         return _rebuild({**record, "message": f"{who}: {record['message']}"})
     if logging.getLogger("lgd_cli").isEnabledFor(logging.DEBUG):  # lgd --debug
-        return LgdError(f"{subject} failed:{trace}")
+        return LGDError(f"{subject} failed:{trace}")
     last = trace.strip().splitlines()[-1] if trace.strip() else "no message"
-    return LgdError(f"{subject} failed: {last}", hint="run with --debug for its traceback")
+    return LGDError(f"{subject} failed: {last}", hint="run with --debug for its traceback")
 
 
-def _exited_error(index: int, exit_code: int, who: str | None = None) -> LgdError:
+def _exited_error(index: int, exit_code: int, who: str | None = None) -> LGDError:
     who = who or f"process {index}"
     subject = f"training {who}" if who.startswith("process") else who
     if exit_code < 0:
@@ -399,8 +399,8 @@ def _exited_error(index: int, exit_code: int, who: str | None = None) -> LgdErro
             name = f"signal {-exit_code}"
         hint = ("SIGKILL from outside is often the kernel's out-of-memory killer (see `dmesg`): fewer "
                 "DATALOADER.NUM_WORKERS or a smaller batch use less memory" if -exit_code == signal.SIGKILL else None)
-        return LgdError(f"{subject} was killed by {name}", hint=hint, exit_code=128 - exit_code)
-    return LgdError(f"{subject} exited with code {exit_code}", exit_code=exit_code)
+        return LGDError(f"{subject} was killed by {name}", hint=hint, exit_code=128 - exit_code)
+    return LGDError(f"{subject} exited with code {exit_code}", exit_code=exit_code)
 
 
 def _distributed_worker(local_rank, worker, host, port, world_size, num_per_machine, machine_rank, use_cuda,
@@ -427,7 +427,7 @@ def _distributed_worker(local_rank, worker, host, port, world_size, num_per_mach
             except dist.DistError:
                 pass  # the launcher that would read it is gone (killed); the run's files are written
         comm.synchronize()  # nobody leaves before the main process has written the run's last files
-    except LgdError as exc:
+    except LGDError as exc:
         # The launcher sees only a traceback; this record lets it raise the same error.
         record = {"module": type(exc).__module__, "name": type(exc).__name__, "message": exc.message,
                   "hint": exc.hint, "exit_code": exc.exit_code}

@@ -13,7 +13,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from lgd_cli.errors import ConfigError, LgdError, RunFinished
+from lgd_cli.errors import ConfigError, LGDError, RunFinished
 
 # What a run folder holds; `--force` removes exactly these, nothing else of the user's.
 RUN_FILES = ("last_checkpoint", "config.yaml", "metrics.json", "summary.json", "log.txt")
@@ -32,7 +32,8 @@ def clear_run(output: Path) -> None:
     for pattern in RUN_GLOBS:
         for path in output.glob(pattern):
             path.unlink()
-    shutil.rmtree(output / "eval", ignore_errors=True)
+    for folder in ("eval", "eval-teacher"):
+        shutil.rmtree(output / folder, ignore_errors=True)
 
 
 def finished_iterations(output: Path, max_iter: int) -> int | None:
@@ -109,7 +110,7 @@ class RunFolderLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock (creating the folder) or raise an LgdError naming the process that holds it."""
+        """Take the lock (creating the folder) or raise an LGDError naming the process that holds it."""
         while True:
             self.output.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -118,7 +119,7 @@ class RunFolderLock:
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode("utf-8", "replace")
                 os.close(fd)
-                raise LgdError(f"{self.output} is in use by another training run: {_describe(holder)}",
+                raise LGDError(f"{self.output} is in use by another training run: {_describe(holder)}",
                                hint="wait for it to end, or stop it; a run that died frees the folder by itself "
                                     "(--force does not take a live run's folder)") from None
             # A holder that removed the file (its fresh folder failed) before we locked: lock the new one.

@@ -18,15 +18,15 @@ from detectron2.utils.events import TensorboardXWriter
 from lgd_cli.data.datasets import VAL_DATASET, register_config_datasets
 from lgd_cli.data.loader import build_train_loader
 from lgd_cli.engine.amp import MixedPrecision
-from lgd_cli.engine.checkpoint import LgdCheckpointer
-from lgd_cli.engine.hooks import (FinalCheckpointer, GatherResumeStateHook, GracefulStopHook, LgdScheduleHook,
+from lgd_cli.engine.checkpoint import LGDCheckpointer
+from lgd_cli.engine.hooks import (FinalCheckpointer, GatherResumeStateHook, GracefulStopHook, LGDScheduleHook,
                                   ProgressHook)
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
 from lgd_cli.engine.logs import OrderedJSONWriter, TrainingLogWriter, log_banner, log_to_file
 from lgd_cli.engine.optimizers import build_optimizers
 from lgd_cli.engine.run_folder import RunFolderLock, check_resumable, clear_run, holds_run, prepare_output
 from lgd_cli.engine.trainer import LGDTrainer
-from lgd_cli.errors import ConfigError, LgdError
+from lgd_cli.errors import ConfigError, LGDError
 from lgd_cli.files import atomic_write_bytes, atomic_write_json, finite_or_null, repair_json_lines
 from lgd_cli.modeling.backbones.pretrained import load_pretrained_weights, resolve_weights_path
 from lgd_cli.modeling.distiller import build_distiller
@@ -90,7 +90,7 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
                 check_resumable(output)
             lock.acquire()  # before --force may clear anything: a live run's folder stays as it is
             prepare_output(output, resume, force, max_iter=cfg.SOLVER.MAX_ITER)
-    except LgdError as exc:
+    except LGDError as exc:
         if lock is not None:
             _release(lock, output, existed)
         report_failure(exc, num_machines=num_machines, machine_rank=machine_rank, dist_url=dist_url,
@@ -103,7 +103,7 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
         return launch(_train_worker, num_processes, num_machines=num_machines, machine_rank=machine_rank,
                       dist_url=dist_url, use_cuda=use_cuda, join_timeout=join_timeout,
                       agree={"--resume": resume, "config": _flat_config(cfg)}, args=(cfg, str(output), resume, display))
-    except LgdError:
+    except LGDError:
         # A user-fixable error (bad image, bad weights, NaN, a machine missing...) before the first
         # checkpoint of a new run: leave the folder as it was, so the fixed command runs without --force.
         if fresh and not any(output.glob("model_*.pth")):
@@ -188,7 +188,7 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
     trainer = LGDTrainer(train_model, build_train_loader(cfg, skip_bad_images=cfg.LGD.DATA.SKIP_BAD_IMAGES),
                          optimizers, model.frozen_backbone_parameters(), skip_nonfinite=cfg.LGD.SKIP_NONFINITE,
                          amp=MixedPrecision.from_config(cfg))
-    checkpointer = LgdCheckpointer(model, output, cfg, trainer=trainer)
+    checkpointer = LGDCheckpointer(model, output, cfg, trainer=trainer)
     trainer.checkpointer = checkpointer  # named in error messages (the newest complete checkpoint)
     evaluations = Evaluations()
     trainer.register_hooks(_hooks(cfg, model, schedulers, checkpointer, output, display, evaluations))
@@ -281,7 +281,7 @@ class Evaluations:
         self.final: dict | None = None
 
 
-class LgdEvalHook(d2hooks.EvalHook):
+class LGDEvalHook(d2hooks.EvalHook):
     """detectron2's EvalHook (every `eval_period`, and after the last iteration) whose final evaluation
     can be turned off (LGD.EVAL_AT_END=False), and never follows a failed or stopped training.
 
@@ -303,7 +303,7 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None, eval
     d = cfg.MODEL.DISTILLATOR
     hooks = [
         d2hooks.IterationTimer(),
-        LgdScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
+        LGDScheduleHook(model, schedulers, d.PRE_NONDISTILL_ITERS, d.POST_NONDISTILL_ITERS,
                         d.PRE_FREEZE_STUDENT_BACKBONE_ITERS),
     ]
     if comm.get_world_size() > 1:
@@ -315,7 +315,7 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None, eval
         from lgd_cli.engine.evaluate import evaluate_model
 
         evaluations = evaluations or Evaluations()
-        hook = LgdEvalHook(cfg.TEST.EVAL_PERIOD, lambda: _periodic_eval(cfg, hook.trainer, model, output, evaluate_model,
+        hook = LGDEvalHook(cfg.TEST.EVAL_PERIOD, lambda: _periodic_eval(cfg, hook.trainer, model, output, evaluate_model,
                                                                         evaluations, display),
                            at_end=cfg.LGD.EVAL_AT_END)
         hooks.append(hook)

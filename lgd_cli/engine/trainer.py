@@ -13,7 +13,7 @@ from detectron2.utils.events import get_event_storage
 
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.rng import capture_rng_state, restore_rng_state
-from lgd_cli.errors import LgdError
+from lgd_cli.errors import LGDError
 
 logger = logging.getLogger("lgd_cli")
 # fp16 overflows in a row after which the gradients are taken to be non-finite at any loss scale
@@ -21,7 +21,7 @@ logger = logging.getLogger("lgd_cli")
 MAX_CONSECUTIVE_OVERFLOWS = 32
 
 
-class NonFiniteLossError(LgdError):
+class NonFiniteLossError(LGDError):
     """A loss term became NaN or infinite; training stops with the terms named."""
 
 
@@ -72,8 +72,8 @@ class LGDTrainer(TrainerBase):
         self._data_loader_iter = iter(data_loader)
         self.optimizers = optimizers
         self.frozen_parameters = frozen_parameters
-        self.freeze_backbone = False  # set each step by LgdScheduleHook
-        self.checkpointer = None  # an LgdCheckpointer, when there is one, for error messages
+        self.freeze_backbone = False  # set each step by LGDScheduleHook
+        self.checkpointer = None  # an LGDCheckpointer, when there is one, for error messages
         self.skip_nonfinite = skip_nonfinite
         self.nonfinite_skipped = 0  # batches skipped for a non-finite loss, over the whole run
         self.amp = amp or MixedPrecision()

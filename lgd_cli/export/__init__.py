@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lgd_cli.compat import detectron2 as _compat
-from lgd_cli.errors import ConfigError, LgdError
+from lgd_cli.errors import ConfigError, LGDError
 from lgd_cli.files import failed_writes_name, staged_path
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path |
 
     The file is written beside `output` under a temporary name and renamed over it only once its
     detections match the eager student's on a sample image (verify.py states the tolerances); on a
-    mismatch nothing is written and an LgdError says by how much they differ. Runs on the CPU.
+    mismatch nothing is written and an LGDError says by how much they differ. Runs on the CPU.
 
     Args:
         checkpoint: a file written by `lgd train`.
@@ -91,12 +91,12 @@ def export_checkpoint(checkpoint: Path, fmt: str = "torchscript", output: Path |
                         comparison=comparison, skipped=skipped, seconds=time.perf_counter() - start)
 
 
-def _mismatch(comparison, output: Path, fmt: str, sample: str) -> LgdError:
+def _mismatch(comparison, output: Path, fmt: str, sample: str) -> LGDError:
     from lgd_cli.export.verify import BOX_ATOL, BOX_RTOL, SCORE_ATOL
 
     c = comparison
     kept = f"; the earlier {output.name} there is unchanged" if output.exists() else ""
-    return LgdError(
+    return LGDError(
         f"the exported {fmt} model disagrees with the eager student on {sample} (sizes {c.sizes}): "
         f"largest box difference {c.max_box_diff:.3g} px (tolerance {BOX_ATOL:g} px + {BOX_RTOL:g} x coordinate), "
         f"largest score difference {c.max_score_diff:.3g} (tolerance {SCORE_ATOL:g}), "

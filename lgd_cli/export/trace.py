@@ -18,7 +18,7 @@ from detectron2.export.flatten import TracingAdapter
 
 from lgd_cli.config.build import SavedConfig, build_config
 from lgd_cli.engine.checkpoint import read_lgd_checkpoint
-from lgd_cli.errors import CheckpointError, LgdError
+from lgd_cli.errors import CheckpointError, LGDError
 
 ONNX_OPSET = 17
 OUTPUT_NAMES = ("boxes", "scores", "classes")
@@ -140,5 +140,5 @@ def export_onnx(student: nn.Module, image: Tensor, path: Path) -> None:
                               input_names=["image"], output_names=list(OUTPUT_NAMES),
                               dynamic_axes={"image": {1: "height", 2: "width"}, **count})
     except ImportError as exc:
-        raise LgdError(f"ONNX export needs the onnx package ({exc})", hint="pip install 'lgd[onnx]'") from None
+        raise LGDError(f"ONNX export needs the onnx package ({exc})", hint="pip install 'lgd[onnx]'") from None
     _fsync(path)

@@ -71,9 +71,9 @@ def test_lgd_checkpoint_loads_with_weights_only(trained_checkpoint):
 
 
 def _checkpointer(tiny_cfg, folder):
-    from lgd_cli.engine.checkpoint import LgdCheckpointer
+    from lgd_cli.engine.checkpoint import LGDCheckpointer
 
-    return LgdCheckpointer(torch.nn.Linear(2, 2), str(folder), tiny_cfg)
+    return LGDCheckpointer(torch.nn.Linear(2, 2), str(folder), tiny_cfg)
 
 
 @pytest.mark.parametrize("failure", ["oserror", "torch_zip_writer"])

@@ -8,7 +8,7 @@ import torch
 
 from lgd_cli.engine import launch as launch_mod
 from lgd_cli.engine.launch import check_processes, launch
-from lgd_cli.errors import ConfigError, DataError, LgdError
+from lgd_cli.errors import ConfigError, DataError, LGDError
 
 
 def _data_error_on_rank_1():
@@ -35,7 +35,7 @@ def test_a_child_lgd_error_is_raised_as_itself_in_the_parent():
 
 @pytest.mark.slow
 def test_a_child_killed_by_a_signal_is_named_with_exit_code_128_plus_signal():
-    with pytest.raises(LgdError) as info:
+    with pytest.raises(LGDError) as info:
         launch(_killed_on_rank_1, 2, use_cuda=False)
     assert info.value.message == "training process 1 was killed by SIGKILL"
     assert info.value.exit_code == 137 and "out-of-memory" in info.value.hint

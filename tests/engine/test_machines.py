@@ -16,7 +16,7 @@ import torch
 
 from tests.helpers import run_cli
 from lgd_cli.engine.launch import launch, report_failure
-from lgd_cli.errors import DataError, LgdError
+from lgd_cli.errors import DataError, LGDError
 
 LGD = [sys.executable, "-m", "lgd_cli.cli"]
 
@@ -42,7 +42,7 @@ def _in_thread(fn, **kwargs):
     def target():
         try:
             fn(**kwargs)
-        except LgdError as exc:
+        except LGDError as exc:
             raised.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
@@ -81,7 +81,7 @@ def test_a_machine_that_never_joins_is_named_after_the_join_timeout(capsys, tiny
 
 def test_machine_0_that_never_comes_is_named_on_the_others():
     url = free_url()
-    with pytest.raises(LgdError, match=f"^machine 0 did not join {url} within 1 s$") as info:
+    with pytest.raises(LGDError, match=f"^machine 0 did not join {url} within 1 s$") as info:
         launch(_never_called, 1, num_machines=2, machine_rank=1, dist_url=url, use_cuda=False, join_timeout=1)
     assert "--machine-rank 0" in info.value.hint
 
@@ -97,7 +97,7 @@ def test_machines_started_differently_are_refused_on_every_machine(theirs, messa
     mine = {"worker": _never_called, "num_processes": 1, "num_machines": 2, "dist_url": url, "use_cuda": False,
             "join_timeout": 20, "agree": {"--resume": False, "config": {"SOLVER.MAX_ITER": "4"}}}
     thread, raised = _in_thread(launch, **mine, machine_rank=0)
-    with pytest.raises(LgdError) as info:
+    with pytest.raises(LGDError) as info:
         launch(**{**mine, **theirs}, machine_rank=1)
     thread.join(30)
     assert info.value.message == message and raised and raised[0].message == message
@@ -110,7 +110,7 @@ def test_two_machines_of_one_rank_are_refused():
             "join_timeout": 20}
     first, first_raised = _in_thread(launch, **args, machine_rank=0)
     second, second_raised = _in_thread(launch, **args, machine_rank=1)
-    with pytest.raises(LgdError, match="two machines were started with --machine-rank 1"):
+    with pytest.raises(LGDError, match="two machines were started with --machine-rank 1"):
         time.sleep(1)
         launch(**args, machine_rank=1)
     first.join(30)
@@ -140,7 +140,7 @@ def test_a_run_that_has_started_is_left_alone():
     port = int(url.rsplit(":", 1)[1])
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
     store.set("lgd/started", "1")  # what a running job's launchers have set
-    with pytest.raises(LgdError, match=f"{url} belongs to a run that has started without this machine"):
+    with pytest.raises(LGDError, match=f"{url} belongs to a run that has started without this machine"):
         launch(_never_called, 1, num_machines=2, machine_rank=1, dist_url=url, use_cuda=False, join_timeout=5)
     report_failure(DataError("bad"), num_machines=2, machine_rank=1, dist_url=url, wait_s=2)
     assert not store.check(["lgd/failure"]) and not store.check(["lgd/count/1"])
@@ -163,7 +163,7 @@ def test_a_killed_process_on_one_machine_stops_the_other_naming_it():
     args = {"worker": _killed_on_rank_1, "num_processes": 1, "num_machines": 2, "dist_url": url, "use_cuda": False,
             "join_timeout": 120}
     thread, raised = _in_thread(launch, **args, machine_rank=0)
-    with pytest.raises(LgdError) as info:
+    with pytest.raises(LGDError) as info:
         launch(**args, machine_rank=1)
     start = time.monotonic()
     thread.join(60)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import run_cli
 from lgd_cli.engine.run_folder import LOCK_FILE, RunFolderLock, holds_run
-from lgd_cli.errors import LgdError
+from lgd_cli.errors import LGDError
 
 _HOLD = ("import sys, time; from lgd_cli.engine.run_folder import RunFolderLock; "
          "RunFolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
@@ -57,7 +57,7 @@ def test_the_lock_file_is_not_a_run_and_a_failed_fresh_run_leaves_no_folder(tiny
     from lgd_cli.engine import train as engine_train
 
     def failing_launch(*args, **kwargs):
-        raise LgdError("image x.png cannot be decoded")
+        raise LGDError("image x.png cannot be decoded")
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / LOCK_FILE).write_text("")
@@ -86,5 +86,5 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     with RunFolderLock(tmp_path):
-        with pytest.raises(LgdError, match=f"pid {os.getpid()}"):
+        with pytest.raises(LGDError, match=f"pid {os.getpid()}"):
             RunFolderLock(tmp_path).acquire()

@@ -122,12 +122,12 @@ def test_lgd_plot_names_a_folder_without_metrics_and_a_missing_matplotlib(finish
     import sys
 
     from lgd_cli.compare.plots import plot_runs
-    from lgd_cli.errors import DataError, LgdError
+    from lgd_cli.errors import DataError, LGDError
 
     _, out, _ = finished_run
     with pytest.raises(DataError, match=f"{tmp_path} has no metrics.json"):
         plot_runs([out, tmp_path], tmp_path / "x.png")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the `plot` extra sees
-    with pytest.raises(LgdError, match="needs matplotlib") as info:
+    with pytest.raises(LGDError, match="needs matplotlib") as info:
         plot_runs([out], tmp_path / "x.png")
     assert "lgd[plot]" in info.value.hint and not (tmp_path / "x.png").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lgd_cli.errors import LgdError
+from lgd_cli.errors import LGDError
 from lgd_cli.export import export_checkpoint, verify
 
 
@@ -135,7 +135,7 @@ def test_mismatch_fails_and_leaves_nothing(checkpoint, tmp_path, monkeypatch):
         return lambda image: (lambda b, s, c: (b + 0.01, s, c))(*run(image))
 
     monkeypatch.setattr(verify, "load_exported", shifted)
-    with pytest.raises(LgdError) as error:
+    with pytest.raises(LGDError) as error:
         export_checkpoint(checkpoint, "torchscript", tmp_path / "det.ts")
     message = error.value.message
     assert error.value.exit_code == 1 and "disagrees with the eager student" in message
@@ -144,7 +144,7 @@ def test_mismatch_fails_and_leaves_nothing(checkpoint, tmp_path, monkeypatch):
 
     # An earlier export at the target stays as it was.
     (tmp_path / "det.ts").write_bytes(b"earlier")
-    with pytest.raises(LgdError, match="earlier det.ts there is unchanged"):
+    with pytest.raises(LGDError, match="earlier det.ts there is unchanged"):
         export_checkpoint(checkpoint, "torchscript", tmp_path / "det.ts")
     assert (tmp_path / "det.ts").read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["det.ts"]
 
