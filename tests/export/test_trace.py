@@ -77,7 +77,7 @@ def test_cli_export_prints_the_differences_and_writes_beside_the_checkpoint(chec
 
 @pytest.mark.parametrize("args, message, code", [
     (["export", "missing.pth"], "missing.pth does not exist", 1),
-    (["export", "missing.pth", "--format", "tflite"], "unknown export format 'tflite'", 2),
+    (["export", "missing.pth", "--format", "tflite"], "'tflite' is not one of 'torchscript', 'onnx'", 2),
 ])
 def test_cli_export_bad_input(args, message, code, capsys):
     assert run_cli(*args) == code
