@@ -167,7 +167,7 @@ def apply() -> list[str]:
     if deform_conv.install():
         _applied.append("DeformConv/ModulatedDeformConv on torchvision.ops.deform_conv2d")
     # Item 14: Pillow clips 16-bit images to 255 in detectron2's read_image: lgd's scales them.
-    from lgd_cli.data import images
+    from lgd_cli.compat import images
 
     images.install()
     _applied.append("read_image scales 16-bit images to 8 bits")

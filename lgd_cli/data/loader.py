@@ -28,7 +28,7 @@ from detectron2.data.common import DatasetFromList
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.utils import comm
 
-from lgd_cli.data.images import image_problem
+from lgd_cli.compat.images import image_problem
 from lgd_cli.errors import ConfigError, DataError
 from lgd_cli.rng import preserved_rng
 

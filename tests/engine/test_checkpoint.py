@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, check_pickle_weights, read_lgd_checkpoint
+from lgd_cli.engine.checkpoint import read_lgd_checkpoint
+from lgd_cli.modeling.weight_files import SafeDetectionCheckpointer, check_pickle_weights
 from lgd_cli.errors import CheckpointError
 
 from tests.helpers import fill_disk_after

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
-from lgd_cli.engine.checkpoint import SafeDetectionCheckpointer, read_checkpoint
+from lgd_cli.modeling.weight_files import SafeDetectionCheckpointer, read_checkpoint
 from lgd_cli.errors import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lgd_cli.engine.checkpoint import read_checkpoint
+from lgd_cli.modeling.weight_files import read_checkpoint
 from lgd_cli.errors import CheckpointError, ConfigError
 from lgd_cli.files import atomic_torch_save
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lgd_cli.data.images import image_problem, read_image
+from lgd_cli.compat.images import image_problem, read_image
 from lgd_cli.errors import DataError
 
 # A 48x32 (w x h) RGB picture with a white block in its top-left corner: orientation is visible.
