@@ -217,6 +217,8 @@ def _check(cfg: CfgNode) -> None:
                               hint="mixed precision of both optimisers is SOLVER.AMP.ENABLED=True (SOLVER.AMP.DTYPE)")
     if cfg.LGD.SKIP_NONFINITE < 0:
         raise ConfigError(f"LGD.SKIP_NONFINITE (--skip-nonfinite) must be 0 or more, got {cfg.LGD.SKIP_NONFINITE}")
+    if cfg.LGD.LOG_PERIOD < 1:
+        raise ConfigError(f"LGD.LOG_PERIOD must be 1 or more, got {cfg.LGD.LOG_PERIOD}")
     channels = cfg.MODEL.FPN.OUT_CHANNELS
     if d.ENABLED and channels % d.TEACHER.NR_TRANSFORMER_HEADS:
         raise ConfigError(f"MODEL.FPN.OUT_CHANNELS ({channels}) must be divisible by "

@@ -78,8 +78,6 @@ def train(cfg, output: Path, *, resume: bool = False, force: bool = False, num_p
     lock = RunFolderLock(output) if main_machine else None
     try:
         check_processes(num_processes, num_machines, machine_rank, use_cuda=use_cuda, dist_url=dist_url)
-        if cfg.LGD.LOG_PERIOD < 1:
-            raise ConfigError(f"LGD.LOG_PERIOD must be 1 or more, got {cfg.LGD.LOG_PERIOD}")
         if resume and force:
             raise ConfigError("--resume and --force contradict each other: continue the run, or start afresh")
         register_config_datasets(cfg)

@@ -59,6 +59,15 @@ def test_a_saved_config_is_checked_like_a_preset():
         build_config(saved, ["SOLVER.BASE_LR=0.1"], device="cpu")
 
 
+@pytest.mark.parametrize("pair, message", [
+    ("LGD.LOG_PERIOD=0", "LGD.LOG_PERIOD must be 1 or more, got 0"),
+    ("LGD.SKIP_NONFINITE=-1", "must be 0 or more, got -1"),
+])
+def test_a_count_out_of_range_is_refused_when_the_config_is_built(pair, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("demo", [pair], device="cpu")
+
+
 def test_lgd_eval_refuses_a_bad_override_of_the_checkpoints_config(monkeypatch, tmp_path):
     from lgd_cli.engine import evaluate
 
