@@ -292,6 +292,8 @@ def test_compare_end_to_end_and_resume(tmp_path, tiny_overrides, capsys):
         assert run["curve"]["bbox"]["iterations"] == [2, 4]
         assert (run["arm"] == "lgd") == ("teacher" in run)
         assert run["s_per_iter"] > 0 and run["peak_mb"] > 0
+        saved = (out / f"seed{run['seed']}" / run["arm"] / "config.yaml").read_text()
+        assert "CHECKPOINT_KEEP: 1\n" in saved  # an arm keeps one periodic checkpoint, not three
     assert (out / "compare.md").read_text().startswith("# lgd compare")
     for name in ("ap.png", "losses.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

@@ -150,8 +150,10 @@ def prepare_output(output: Path, settings: CompareSettings, resume: bool) -> Non
 
 def run_spec(settings: CompareSettings, run: Run) -> dict:
     """What the worker builds its config from: the common overrides, then this run's seed and arm."""
-    overrides = list(settings.overrides) + [f"SEED={run.seed}",
-                                            f"MODEL.DISTILLATOR.ENABLED={run.arm == 'lgd'}"]
+    # One periodic checkpoint is enough to resume an arm, and a demo checkpoint is ~170 MB: a
+    # 3-seed comparison would otherwise keep up to 18 of them beside the finals (a --set wins).
+    overrides = ["LGD.CHECKPOINT_KEEP=1"] + list(settings.overrides) + [
+        f"SEED={run.seed}", f"MODEL.DISTILLATOR.ENABLED={run.arm == 'lgd'}"]
     return {"preset": settings.preset, "overrides": overrides, "device": settings.device,
             "seed": run.seed, "arm": run.arm}
 
