@@ -132,3 +132,22 @@ def repair_json_lines(path: Path, keep: Callable[[dict], bool] = lambda record: 
             f.flush()
             os.fsync(f.fileno())
     return dropped
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.json rows (one JSON object per line), the last row per iteration winning.
+
+    A resumed run appends the iterations after its checkpoint again, and a killed one may end
+    in a cut line: both are handled here.
+    """
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "iteration" in row:
+            rows.setdefault(row["iteration"], {}).update(row)
+    return [rows[k] for k in sorted(rows)]

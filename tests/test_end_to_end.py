@@ -6,10 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lgd_cli.files import read_metrics
 from tests.helpers import LGD, lgd, sets
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.slow

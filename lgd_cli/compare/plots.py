@@ -76,8 +76,9 @@ def plot_runs(folders: list[Path], output: Path) -> Path:
     Raises:
         LGDError: matplotlib is missing, or a folder has no metrics.json.
     """
-    from lgd_cli.compare.worker import eval_rows, read_metrics
+    from lgd_cli.compare.worker import eval_rows
     from lgd_cli.errors import DataError, LGDError
+    from lgd_cli.files import read_metrics
 
     try:
         plt = _pyplot()

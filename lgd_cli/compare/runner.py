@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lgd_cli.compare.worker import RESULT, RUN_SPEC, read_metrics
+from lgd_cli.compare.worker import RESULT, RUN_SPEC
 from lgd_cli.errors import ConfigError
-from lgd_cli.files import atomic_write_json
+from lgd_cli.files import atomic_write_json, read_metrics
 
 SETTINGS_FILE = "compare-settings.json"
 ARMS = ("baseline", "lgd")

@@ -12,29 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+from lgd_cli.files import read_metrics
+
 RUN_SPEC = "run.json"
 RESULT = "result.json"
 TRAIN_COST = "train-cost.json"
 FINAL_EVAL = "final-eval"
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.json rows (one JSON object per line), the last row per iteration winning.
-
-    A resumed run appends the iterations after its checkpoint again, and a killed one may end
-    in a cut line: both are handled here.
-    """
-    if not path.is_file():
-        return []
-    rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "iteration" in row:
-            rows.setdefault(row["iteration"], {}).update(row)
-    return [rows[k] for k in sorted(rows)]
 
 
 def eval_rows(rows: list[dict], max_iter: int, who: str = "student", task: str = "bbox") -> dict[int, dict]:

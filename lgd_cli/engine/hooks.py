@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
-from detectron2.engine import HookBase, PeriodicCheckpointer
+from detectron2.engine import BestCheckpointer, HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 
 from lgd_cli.errors import LGDError
+from lgd_cli.files import read_metrics
 
 
 def collective_device() -> torch.device:
@@ -195,3 +197,30 @@ class GracefulStopHook(HookBase):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class ResumableBestCheckpointer(BestCheckpointer):
+    """detectron2's BestCheckpointer, but a resumed run starts from the best score already reached.
+
+    detectron2 keeps the best score in memory only, so the first evaluation after --resume would
+    replace model_best.pth however it scored. The scores of the evaluations before the resumed
+    iteration are read back from `metrics_file`, where each was logged (train.py repairs it to
+    those iterations before training resumes).
+    """
+
+    def __init__(self, *args, metrics_file: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metrics_file = Path(metrics_file)
+
+    def before_train(self):
+        best_file = Path(self._checkpointer.save_dir) / f"{self._file_prefix}.pth"
+        if self.trainer.start_iter == 0 or not best_file.is_file():
+            return
+        for row in read_metrics(self.metrics_file):
+            value = row.get(self._val_metric)
+            if row["iteration"] < self.trainer.start_iter and value is not None and (
+                    self.best_metric is None or self._compare(value, self.best_metric)):
+                self._update_best(value, row["iteration"])
+        if self.best_metric is not None:
+            self._logger.info(f"{self._val_metric} to beat for {best_file.name}: {self.best_metric:0.5f} "
+                              f"(iteration {self.best_iter})")

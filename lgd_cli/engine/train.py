@@ -20,7 +20,7 @@ from lgd_cli.data.loader import build_train_loader
 from lgd_cli.engine.amp import MixedPrecision
 from lgd_cli.engine.checkpoint import LGDCheckpointer
 from lgd_cli.engine.hooks import (FinalCheckpointer, GatherResumeStateHook, GracefulStopHook, LGDScheduleHook,
-                                  ProgressHook)
+                                  ProgressHook, ResumableBestCheckpointer)
 from lgd_cli.engine.launch import JOIN_TIMEOUT_S, check_processes, launch, report_failure
 from lgd_cli.engine.logs import OrderedJSONWriter, TrainingLogWriter, log_banner, log_to_file
 from lgd_cli.engine.optimizers import build_optimizers
@@ -319,8 +319,9 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None, eval
         hooks.append(hook)
         if cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
             # After the EvalHook, whose results it reads; model_best.pth is never resumed from.
-            hooks.append(d2hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, checkpointer, BEST_METRIC, mode="max",
-                                                  file_prefix=BEST_CHECKPOINT))
+            hooks.append(ResumableBestCheckpointer(cfg.TEST.EVAL_PERIOD, checkpointer, BEST_METRIC, mode="max",
+                                                   file_prefix=BEST_CHECKPOINT,
+                                                   metrics_file=Path(output) / "metrics.json"))
     if comm.is_main_process():
         hooks.append(d2hooks.PeriodicWriter([OrderedJSONWriter(str(Path(output) / "metrics.json")),
                                              TensorboardXWriter(output),
