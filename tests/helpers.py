@@ -32,6 +32,23 @@ def sets(pairs):
     return [x for pair in pairs for x in ("--set", pair)]
 
 
+def signal_at_first_checkpoint(out, pairs, signum: int) -> tuple[int, str]:
+    """Start `lgd train --output OUT`, send `signum` once its first checkpoint exists; (exit code, stderr).
+
+    Checkpoints appear by rename, complete: the first one existing is the moment to signal.
+    """
+    import time
+
+    proc = subprocess.Popen([*LGD, "train", "--output", str(out), *sets(pairs)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("model_*.pth")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
 def fill_disk_after(monkeypatch, owner, name: str = "save", room: int = 4096) -> None:
     """Make the writer `owner.name(obj, f, ...)` (torch.save, torch.jit.save) meet a full disk
     after `room` bytes, through its own code: torch's zip writer then fails on closing the archive."""
@@ -103,18 +120,26 @@ def widen_head(path) -> None:
     torch.save(state, path)
 
 
-def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0):
-    """Random images with random boxes of 3 classes, as the mapper gives them to the model."""
-    from detectron2.structures import Boxes, Instances
+def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0, *, min_side=6, masks=None):
+    """Random images with random boxes of 3 classes, as the mapper gives them to the model.
+
+    masks: None, "polygon" (a diamond inscribed in each box) or "bitmask" (the same, rasterised).
+    """
+    from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
     g = torch.Generator().manual_seed(seed)
     batch = []
     for _ in range(num_images):
         inst = Instances((size, size))
         xy = torch.rand(boxes_per_image, 2, generator=g) * size / 2
-        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + 6
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + min_side
+        boxes = torch.cat([xy, xy + wh], 1)
+        inst.gt_boxes = Boxes(boxes)
         inst.gt_classes = torch.randint(0, 3, (boxes_per_image,), generator=g)
+        if masks and boxes_per_image:  # detectron2's mapper gives images without objects no gt_masks
+            polygons = PolygonMasks([[[(x0 + x1) / 2, y0, x1, (y0 + y1) / 2, (x0 + x1) / 2, y1, x0, (y0 + y1) / 2]]
+                                     for x0, y0, x1, y1 in boxes.tolist()])
+            inst.gt_masks = BitMasks.from_polygon_masks(polygons, size, size) if masks == "bitmask" else polygons
         batch.append({"image": torch.randint(0, 255, (3, size, size), generator=g).float(), "instances": inst})
     return batch
 

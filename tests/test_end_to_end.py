@@ -1,13 +1,11 @@
 """Real runs of the `lgd` command on the tiny synthetic set: train -> resume -> eval, and 2 processes on gloo."""
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from lgd_cli.files import read_metrics
-from tests.helpers import LGD, lgd, sets
+from tests.helpers import lgd, sets, signal_at_first_checkpoint
 
 
 @pytest.mark.slow
@@ -65,18 +63,11 @@ def test_two_process_gloo_training(tiny_overrides, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_finishes(tiny_overrides, tmp_path):
     import signal
-    import time
 
     out = tmp_path / "term"
     pairs = tiny_overrides + ["SOLVER.MAX_ITER=40", "SOLVER.CHECKPOINT_PERIOD=5"]
-    proc = subprocess.Popen([*LGD, "train", "--output", str(out), *sets(pairs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "model_0000004.pth").is_file() and time.time() < deadline:  # the first checkpoint
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err
+    returncode, err = signal_at_first_checkpoint(out, pairs, signal.SIGTERM)
+    assert returncode == 143, err
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     stopped_at = torch.load(out / (out / "last_checkpoint").read_text(), weights_only=True)["trainer"]["iteration"]
     assert 4 <= stopped_at < 39

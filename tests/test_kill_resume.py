@@ -1,28 +1,19 @@
 """A real `lgd train` killed with SIGKILL after its first checkpoint, resumed, then evaluated."""
 import json
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.helpers import LGD, lgd, sets
+from tests.helpers import lgd, sets, signal_at_first_checkpoint
 
 
 @pytest.mark.slow
 def test_sigkill_after_first_checkpoint_then_resume_and_eval(tiny_overrides, tmp_path):
     out = tmp_path / "killed"
     pairs = tiny_overrides + ["SOLVER.MAX_ITER=8", "SOLVER.CHECKPOINT_PERIOD=2"]
-    proc = subprocess.Popen([*LGD, "train", "--output", str(out), *sets(pairs)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    # Checkpoints appear by rename, complete: the first one existing is the moment to kill.
-    while not list(out.glob("model_*.pth")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, err
+    returncode, err = signal_at_first_checkpoint(out, pairs, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, err
     assert not (out / "model_final.pth").exists()
 
     lgd("train", "--output", str(out), "--resume", *sets(pairs))

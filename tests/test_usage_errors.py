@@ -4,7 +4,6 @@ Files that are not checkpoints, run folders given where a checkpoint goes, `--re
 or of a finished run (issue #15, item 4).
 """
 import json
-import os
 import shutil
 
 import pytest

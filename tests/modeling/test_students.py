@@ -11,6 +11,7 @@ from lgd_cli.modeling.lgd import box_cell_masks, level_scales
 from lgd_cli.modeling.students.fcos import FCOS
 from lgd_cli.modeling.students.rcnn import label_map_cells
 
+from tests import helpers
 from tests.helpers import STUDENT_OVERRIDES as DETECTORS, losses_of, two_loss_calls
 
 # pycocotools (rasterising polygons) on numpy 2.
@@ -31,22 +32,8 @@ OTHER_SWITCHES = {
 
 def make_batch(num_images=2, boxes_per_image=2, size=64, seed=0, bitmasks=False):
     """Random boxes, each with a diamond-shaped polygon mask inscribed in it (or its bitmask)."""
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(num_images):
-        inst = Instances((size, size))
-        xy = torch.rand(boxes_per_image, 2, generator=g) * size / 2
-        wh = torch.rand(boxes_per_image, 2, generator=g) * size / 3 + 8
-        boxes = torch.cat([xy, xy + wh], 1)
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.randint(0, 3, (boxes_per_image,), generator=g)
-        polygons = [[[(x0 + x1) / 2, y0, x1, (y0 + y1) / 2, (x0 + x1) / 2, y1, x0, (y0 + y1) / 2]]
-                    for x0, y0, x1, y1 in boxes.tolist()]
-        masks = PolygonMasks(polygons)
-        if boxes_per_image:  # detectron2's mapper gives images without objects no gt_masks
-            inst.gt_masks = BitMasks.from_polygon_masks(masks, size, size) if bitmasks else masks
-        batch.append({"image": torch.randint(0, 255, (3, size, size), generator=g).float(), "instances": inst})
-    return batch
+    return helpers.make_batch(num_images, boxes_per_image, size, seed, min_side=8,
+                              masks="bitmask" if bitmasks else "polygon")
 
 
 def targets_positives(targets) -> int:
