@@ -11,6 +11,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -37,8 +38,6 @@ def signal_at_first_checkpoint(out, pairs, signum: int) -> tuple[int, str]:
 
     Checkpoints appear by rename, complete: the first one existing is the moment to signal.
     """
-    import time
-
     proc = subprocess.Popen([*LGD, "train", "--output", str(out), *sets(pairs)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

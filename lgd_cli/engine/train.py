@@ -35,6 +35,7 @@ from lgd_cli.rng import preserved_rng
 logger = logging.getLogger("lgd_cli")
 # model_best.pth: the checkpoint of the best periodic evaluation by this metric (TEST.EVAL_PERIOD > 0).
 BEST_METRIC, BEST_CHECKPOINT = "student/bbox/AP", "model_best"
+METRICS_FILE = "metrics.json"  # detectron2's JSONWriter file, one line per logged iteration
 # Config keys that may differ between the machines of one run: paths on each machine's own disks.
 MACHINE_KEYS = ("OUTPUT_DIR", "MODEL.WEIGHTS", "LGD.DATA.ROOT", "LGD.DATA.TRAIN_JSON", "LGD.DATA.TRAIN_IMAGES",
                 "LGD.DATA.VAL_JSON", "LGD.DATA.VAL_IMAGES")
@@ -218,7 +219,7 @@ def _train_worker(cfg, output: str, resume: bool, display=None) -> dict | None:
                    val_images=len(DatasetCatalog.get(VAL_DATASET)) if evaluates else None, resumed_from=path)
     if resume and comm.is_main_process():
         # A kill can tear the last line; lines of iterations about to be redone would repeat.
-        repair_json_lines(Path(output) / "metrics.json", keep=lambda rec: rec.get("iteration", -1) < start_iter)
+        repair_json_lines(Path(output) / METRICS_FILE, keep=lambda rec: rec.get("iteration", -1) < start_iter)
     if not path and cfg.MODEL.WEIGHTS:
         load_pretrained_weights(model.student, cfg)
     # TorchScript runs a scripted function (detectron2's sigmoid_focal_loss_jit) unoptimised on its
@@ -321,9 +322,9 @@ def _hooks(cfg, model, schedulers, checkpointer, output: str, display=None, eval
             # After the EvalHook, whose results it reads; model_best.pth is never resumed from.
             hooks.append(ResumableBestCheckpointer(cfg.TEST.EVAL_PERIOD, checkpointer, BEST_METRIC, mode="max",
                                                    file_prefix=BEST_CHECKPOINT,
-                                                   metrics_file=Path(output) / "metrics.json"))
+                                                   metrics_file=Path(output) / METRICS_FILE))
     if comm.is_main_process():
-        hooks.append(d2hooks.PeriodicWriter([OrderedJSONWriter(str(Path(output) / "metrics.json")),
+        hooks.append(d2hooks.PeriodicWriter([OrderedJSONWriter(str(Path(output) / METRICS_FILE)),
                                              TensorboardXWriter(output),
                                              TrainingLogWriter(cfg.SOLVER.MAX_ITER, cfg.MODEL.DEVICE)],
                                             period=cfg.LGD.LOG_PERIOD))
